@@ -1,0 +1,259 @@
+"""``AnalyticsBuffer``: the client API in front of the supervised actors."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Final, final
+
+import anyio
+
+from ._buffer import FLUSH, FLUSH_SOON, EventBuffer
+from ._capacity import Capacity
+from ._deadletter import DeadLetters
+from ._event import Event, check_event, decode_event, new_event_id
+from ._exceptions import BufferClosed, BufferFull, InvalidEvent, MailboxFull
+from ._settings import Settings
+from ._sink import Sink
+from ._stats import Counters, Stats
+from ._supervisor import ChildSpec, Supervisor
+from ._writer import FlushReport, Writer
+
+__all__ = ("AnalyticsBuffer",)
+
+_CONTROL_MESSAGES: Final = 1024
+"""Room in the EventBuffer's mailbox beyond ``max_buffered_events``, for calls and ticks."""
+_WRITER_MAILBOX: Final = 64
+
+
+@final
+class AnalyticsBuffer:
+    """Tracks events and gets them into ClickHouse in batches.
+
+    Use it as an async context manager; leaving the block stops the actors
+    in order, flushing what they hold (bounded by ``shutdown_timeout``)::
+
+        async with AnalyticsBuffer(Settings(clickhouse_url=url)) as buffer:
+            buffer.track(Event(name="signup", project_id="p1", profile_id="u1"))
+
+    ``track`` and ``track_json`` are synchronous and never wait: call them
+    from the event loop's thread. An accepted event is later counted in
+    exactly one of ``stats().written`` or ``stats().dead_lettered``.
+
+    :param settings: defaults to ``Settings.from_env()``
+    :param sink: where events go; defaults to ClickHouse (``clickhouse_url``)
+        or the embedded engine
+    :param on_flush: called after each batch with what became of it
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        sink: Sink | None = None,
+        on_flush: Callable[[FlushReport], None] | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings.from_env()
+        self._sink = sink
+        self._on_flush = on_flush
+        self._counters = Counters()
+        self._capacity = Capacity(
+            self._counters, self.settings.max_buffered_events, self.settings.max_buffered_bytes
+        )
+        self._max_event_bytes = self.settings.max_event_bytes
+        self._supervisor: Supervisor | None = None
+        self._running = False
+        self._entered = False
+
+    async def __aenter__(self) -> AnalyticsBuffer:
+        if self._entered:
+            raise RuntimeError("an AnalyticsBuffer can be entered only once")
+        self._entered = True
+        settings = self.settings
+        if self._sink is None:
+            # Imported here: a caller that brings its own sink never loads a driver.
+            from ._engines import create_sink
+
+            self._sink = create_sink(settings)
+        sink = self._sink
+        dead_letters = DeadLetters(Path(settings.data_dir) / "dead-letter", settings.table)
+        prefix = new_event_id().hex[:16]
+        tokens = (f"{prefix}-{seq}" for seq in itertools.count())
+
+        def make_writer() -> Writer:
+            return Writer(
+                sink=sink,
+                settings=settings,
+                counters=self._counters,
+                capacity=self._capacity,
+                dead_letters=dead_letters,
+                on_flush=self._on_flush,
+            )
+
+        def make_buffer() -> EventBuffer:
+            assert self._supervisor is not None
+            return EventBuffer(
+                settings=settings,
+                writer=self._supervisor.ref("writer"),
+                tokens=tokens,
+                counters=self._counters,
+                capacity=self._capacity,
+                dead_letters=dead_letters,
+            )
+
+        self._supervisor = Supervisor(
+            [
+                ChildSpec(
+                    "writer",
+                    make_writer,
+                    shutdown=settings.shutdown_timeout,
+                    mailbox_size=_WRITER_MAILBOX,
+                ),
+                ChildSpec(
+                    "event_buffer",
+                    make_buffer,
+                    shutdown=settings.shutdown_timeout,
+                    mailbox_size=settings.max_buffered_events + _CONTROL_MESSAGES,
+                ),
+            ],
+            max_restarts=settings.max_restarts,
+            max_seconds=settings.max_seconds,
+            on_restart=self._count_restart,
+        )
+        try:
+            await self._supervisor.__aenter__()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await sink.aclose()
+            raise
+        self._buffer_ref = self._supervisor.ref("event_buffer")
+        self._running = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        self._running = False
+        assert self._supervisor is not None and self._sink is not None
+        try:
+            return await self._supervisor.__aexit__(exc_type, exc, traceback)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._sink.aclose()
+
+    def __del__(self) -> None:
+        if self._running:
+            warnings.warn(
+                "AnalyticsBuffer was never closed: leave its 'async with' block",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+    def track(self, event: Event) -> bool:
+        """Accept ``event`` for writing; never waits.
+
+        :returns: ``True`` when accepted, ``False`` when the buffer is full and
+            ``overflow`` is ``drop_newest`` (the event is counted as dropped)
+        :raises InvalidEvent: naming the field at fault; nothing else is affected
+        :raises BufferFull: when full and ``overflow`` is ``raise`` or ``block``
+        :raises BufferClosed: when the buffer is not running
+        """
+        if not self._running:
+            raise BufferClosed("the buffer is not running: track inside 'async with'")
+        try:
+            event, size = check_event(event, self._max_event_bytes)
+        except InvalidEvent:
+            self._counters.rejected += 1
+            raise
+        return self._accept(event, size)
+
+    def track_json(self, raw: bytes | bytearray | memoryview | str) -> bool:
+        """Accept one event given as JSON (as an HTTP handler received it).
+
+        Same outcomes as :meth:`track`; malformed JSON or fields raise
+        :class:`InvalidEvent`.
+        """
+        if not self._running:
+            raise BufferClosed("the buffer is not running: track inside 'async with'")
+        try:
+            event, size = decode_event(raw, self._max_event_bytes)
+        except InvalidEvent:
+            self._counters.rejected += 1
+            raise
+        return self._accept(event, size)
+
+    async def put(self, event: Event) -> None:
+        """Accept ``event``, waiting for room when the buffer is full.
+
+        The overflow policy does not apply: ``put`` waits up to ``put_timeout``.
+
+        :raises BufferFull: when no room came within ``put_timeout``
+        :raises InvalidEvent: as for :meth:`track`
+        """
+        if not self._running:
+            raise BufferClosed("the buffer is not running: put inside 'async with'")
+        try:
+            event, size = check_event(event, self._max_event_bytes)
+        except InvalidEvent:
+            self._counters.rejected += 1
+            raise
+        with anyio.move_on_after(self.settings.put_timeout):
+            await self._capacity.wait_for_room(size)
+            self._capacity.take(size)
+            try:
+                await self._buffer_ref.send((event, size))
+            except BaseException:
+                self._capacity.give_back(1, size)
+                raise
+            self._counters.accepted += 1
+            return
+        raise BufferFull(f"no room for the event within put_timeout={self.settings.put_timeout} s")
+
+    async def flush(self) -> None:
+        """Return once every event accepted before the call is written or dead-lettered.
+
+        It waits as long as the Writer's retries take; bound it with
+        ``anyio.move_on_after`` if you need to.
+        """
+        await self._buffer_ref.call(FLUSH, timeout=None)
+
+    def flush_async(self) -> None:
+        """Ask for a flush now and return at once."""
+        self._buffer_ref.cast(FLUSH_SOON)
+
+    def stats(self) -> Stats:
+        """Return a snapshot of the counters."""
+        return self._counters.snapshot()
+
+    def _accept(self, event: Event, size: int) -> bool:
+        capacity = self._capacity
+        if not capacity.fits(size):
+            return self._overflow()
+        capacity.take(size)
+        try:
+            self._buffer_ref.cast((event, size))
+        except MailboxFull:
+            capacity.give_back(1, size)
+            return self._overflow()
+        self._counters.accepted += 1
+        return True
+
+    def _overflow(self) -> bool:
+        policy = self.settings.overflow
+        if policy == "drop_newest":
+            self._counters.dropped += 1
+            return False
+        counters = self._counters
+        held = f"{counters.buffered} events / {counters.buffered_bytes} bytes buffered"
+        if policy == "block":
+            raise BufferFull(f"buffer full ({held}); track cannot wait: use 'await put(event)'")
+        raise BufferFull(f"buffer full ({held}); overflow='raise'")
+
+    def _count_restart(self, child: str, reason: Exception) -> None:
+        self._counters.restarts += 1

@@ -1,0 +1,144 @@
+"""``Settings``: every knob of the buffer, with its default, in one typed struct."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Final, Literal
+
+import msgspec
+
+from ._exceptions import ConfigError
+
+__all__ = ("ENV_PREFIX", "Overflow", "Settings")
+
+ENV_PREFIX: Final = "ANALYTICS_BUFFER_"
+
+Overflow = Literal["drop_newest", "block", "raise"]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Configuration of an :class:`~analytics_buffer.AnalyticsBuffer`.
+
+    Every field can also come from an environment variable named
+    ``ANALYTICS_BUFFER_<FIELD>`` (upper case) through :meth:`from_env`; an
+    empty value there means ``None`` for the fields that accept it.
+    Sizes are in events or bytes, durations in seconds.
+    """
+
+    clickhouse_url: str | None = None
+    """``clickhouse://user:password@host:port/database``; ``None`` selects the
+    embedded engine (chdb, the ``embedded`` extra) storing under ``data_dir``."""
+    data_dir: str = "analytics-buffer-data"
+    """Directory for the embedded engine's data and the dead-letter files."""
+    table: str = "events"
+    """Table the events are written to (see ``analytics-buffer schema``)."""
+
+    flush_interval: float = 5.0
+    """A batch is flushed at the latest this long after the previous flush."""
+    max_batch_events: int = 20_000
+    """A batch is flushed as soon as it holds this many events."""
+    max_batch_bytes: int = 16 * 1024 * 1024
+    """... or this many (estimated) bytes."""
+
+    max_buffered_events: int = 200_000
+    """Bound on events accepted but not yet written, wherever they are."""
+    max_buffered_bytes: int = 128 * 1024 * 1024
+    """Bound on their estimated encoded size."""
+    max_event_bytes: int = 64 * 1024
+    """Larger events are refused with ``InvalidEvent``."""
+    overflow: Overflow = "drop_newest"
+    """What ``track`` does at the bound: ``drop_newest`` returns ``False`` and
+    counts the event as dropped; ``raise`` raises ``BufferFull``; ``block``
+    also raises ``BufferFull`` from ``track`` (a sync call cannot wait) and is
+    the hint that callers use ``await put(event)``, which always waits."""
+    put_timeout: float = 5.0
+    """How long ``put`` waits for room before raising ``BufferFull``."""
+    shutdown_timeout: float = 10.0
+    """Bound on the best-effort flush when the buffer stops."""
+
+    insert_chunk_rows: int = 2_000
+    """Rows per INSERT; the writer yields to the event loop between chunks,
+    so a smaller chunk means a shorter event-loop stall."""
+    pool_size: int = 2
+    """Connections kept to ClickHouse."""
+    connect_timeout: float = 5.0
+    """Bound on opening one connection."""
+    insert_timeout: float = 30.0
+    """Bound on one INSERT attempt; past it the attempt counts as a transient failure."""
+    retry_attempts: int = 8
+    """Attempts per chunk for transient failures before the batch is dead-lettered."""
+    retry_initial_backoff: float = 0.1
+    """First backoff between attempts; it doubles up to ``retry_max_backoff``, with jitter."""
+    retry_max_backoff: float = 5.0
+    """Longest backoff between attempts."""
+
+    max_restarts: int = 3
+    """A child may crash this often within ``max_seconds`` before the supervisor gives up."""
+    max_seconds: float = 5.0
+    """The sliding window of ``max_restarts``."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_batch_events",
+            "max_batch_bytes",
+            "max_buffered_events",
+            "max_buffered_bytes",
+            "max_event_bytes",
+            "insert_chunk_rows",
+            "pool_size",
+            "retry_attempts",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in (
+            "flush_interval",
+            "put_timeout",
+            "shutdown_timeout",
+            "connect_timeout",
+            "insert_timeout",
+            "max_seconds",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.retry_initial_backoff < 0 or self.retry_max_backoff < self.retry_initial_backoff:
+            raise ConfigError("need 0 <= retry_initial_backoff <= retry_max_backoff")
+        if self.max_restarts < 0:
+            raise ConfigError(f"max_restarts must not be negative, got {self.max_restarts}")
+        if self.overflow not in ("drop_newest", "block", "raise"):
+            raise ConfigError(
+                f"overflow must be 'drop_newest', 'block' or 'raise', got {self.overflow!r}"
+            )
+        if self.max_batch_events > self.max_buffered_events:
+            raise ConfigError("max_batch_events must not exceed max_buffered_events")
+        if self.max_event_bytes > self.max_buffered_bytes:
+            raise ConfigError("max_event_bytes must not exceed max_buffered_bytes")
+        if not self.table.replace("_", "").isalnum():
+            raise ConfigError(f"table must be a plain identifier, got {self.table!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``ANALYTICS_BUFFER_*`` variables, then ``overrides``.
+
+        :raises ConfigError: naming the variable that does not parse
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in msgspec.structs.fields(cls):
+            raw = environ.get(ENV_PREFIX + field.name.upper())
+            if raw is None:
+                continue
+            values[field.name] = None if raw == "" and _accepts_none(field.type) else raw
+        values.update(overrides)
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{ENV_PREFIX}*: {exc}") from exc
+
+    def replace(self, **changes: Any) -> Settings:
+        """Return a copy with ``changes`` applied (and validated)."""
+        return msgspec.structs.replace(self, **changes)
+
+
+def _accepts_none(annotation: object) -> bool:
+    return "None" in str(annotation)

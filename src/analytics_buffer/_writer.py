@@ -1,0 +1,207 @@
+"""The Writer actor: inserts batches into the sink, retries, dead-letters.
+
+Batches are written one at a time, in the order they arrive, in chunks of
+``insert_chunk_rows`` rows with a checkpoint between chunks (so the event
+loop never stalls for a whole batch). A chunk's token is
+``<batch token>:<chunk index>``: the same chunk carries the same token on
+every attempt, which is what lets a server deduplicate a retried insert.
+
+Outcomes of a chunk:
+
+* written: counted in ``written``;
+* :class:`~analytics_buffer.TransientSinkError`: retried with exponential
+  backoff and jitter (tenacity, sleeping through anyio) up to
+  ``retry_attempts``, then dead-lettered with the reason "retries exhausted";
+* :class:`~analytics_buffer.PermanentSinkError`: dead-lettered at once with
+  the server's code; later chunks and batches keep flowing.
+
+A crash while writing dead-letters the unwritten rest of the batch (it may
+be what crashed the writer) before the restart; batches still queued are
+written by the next instance. If the writer is cancelled at its shutdown
+deadline, what it still holds is dead-lettered synchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, final
+
+import anyio
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from ._actor import Actor, Reply, fail_pending_calls
+from ._capacity import Capacity
+from ._deadletter import DeadLetters
+from ._event import Event
+from ._exceptions import ActorDeadError, PermanentSinkError, TransientSinkError
+from ._settings import Settings
+from ._sink import Sink
+from ._stats import Counters
+
+__all__ = ("Batch", "FlushReport", "WriteBatch", "Writer")
+
+log = logging.getLogger("analytics_buffer.writer")
+
+
+@final
+class Batch:
+    """Events flushed together, with the identity they keep across retries."""
+
+    __slots__ = ("events", "nbytes", "token")
+
+    def __init__(self, token: str, events: list[Event], nbytes: int) -> None:
+        self.token = token
+        self.events = events
+        self.nbytes = nbytes
+
+
+@final
+class WriteBatch:
+    """Write ``batch`` (if any), then answer ``reply`` (if any)."""
+
+    __slots__ = ("batch", "reply")
+
+    def __init__(self, batch: Batch | None, reply: Reply[Any] | None) -> None:
+        self.batch = batch
+        self.reply = reply
+
+
+class FlushReport(NamedTuple):
+    """What became of one batch; passed to the ``on_flush`` hook."""
+
+    token: str
+    written: int
+    dead_lettered: int
+
+
+@final
+class Writer(Actor):
+    """Owns the sink: writes batches in order, one at a time."""
+
+    def __init__(
+        self,
+        *,
+        sink: Sink,
+        settings: Settings,
+        counters: Counters,
+        capacity: Capacity,
+        dead_letters: DeadLetters,
+        on_flush: Callable[[FlushReport], None] | None = None,
+    ) -> None:
+        self._sink = sink
+        self._settings = settings
+        self._counters = counters
+        self._capacity = capacity
+        self._dead_letters = dead_letters
+        self._on_flush = on_flush
+        self._current: WriteBatch | None = None
+        self._next_chunk = 0
+        self._retrying = AsyncRetrying(
+            stop=stop_after_attempt(settings.retry_attempts),
+            wait=wait_exponential_jitter(
+                initial=settings.retry_initial_backoff,
+                max=settings.retry_max_backoff,
+                jitter=settings.retry_initial_backoff,
+            ),
+            retry=retry_if_exception_type(TransientSinkError),
+            sleep=anyio.sleep,
+            reraise=True,
+            before_sleep=self._count_retry,
+        )
+
+    async def init(self) -> None:
+        try:
+            await self._sink.open()
+        except TransientSinkError as exc:
+            # A server that is down now is retried at the first write.
+            log.warning("ClickHouse is unreachable at start (%s); will retry when writing", exc)
+
+    async def handle_casts(self, messages: list[object]) -> None:
+        for message in messages:
+            if isinstance(message, WriteBatch):
+                self._current, self._next_chunk = message, 0
+                await self._write(message)
+                self._current = None
+            else:
+                log.warning("writer: dropped unknown cast %r", message)
+
+    async def terminate(self, reason: BaseException | None) -> None:
+        held: list[tuple[WriteBatch, int]] = []
+        if self._current is not None:
+            held.append((self._current, self._next_chunk))
+            self._current = None
+        if reason is None:
+            # Stopped: anything still queued means the shutdown deadline passed.
+            queued = fail_pending_calls(
+                self.ref.mailbox.drain_nowait(), ActorDeadError("writer stopped")
+            )
+            held += [(item, 0) for item in queued if isinstance(item, WriteBatch)]
+            why = "shutdown_timeout passed before ClickHouse took them"
+        else:
+            why = f"writer crashed while writing them: {reason!r}"
+        for item, first_chunk in held:
+            self._abandon(item, first_chunk, why)
+
+    async def _write(self, item: WriteBatch) -> None:
+        batch = item.batch
+        if batch is not None:
+            written = dead = 0
+            rows = self._settings.insert_chunk_rows
+            events = batch.events
+            for index in range((len(events) + rows - 1) // rows):
+                chunk = events[index * rows : (index + 1) * rows]
+                token = f"{batch.token}:{index}"
+                try:
+                    await self._insert(chunk, token)
+                except PermanentSinkError as exc:
+                    await self._dead_letter(chunk, str(exc), exc.code, token)
+                    dead += len(chunk)
+                except TransientSinkError as exc:
+                    reason = f"retries exhausted ({self._settings.retry_attempts}): {exc}"
+                    await self._dead_letter(chunk, reason, 0, token)
+                    dead += len(chunk)
+                else:
+                    self._counters.written += len(chunk)
+                    written += len(chunk)
+                self._next_chunk = index + 1
+                await anyio.lowlevel.checkpoint()
+            self._capacity.give_back(len(events), batch.nbytes)
+            if self._on_flush is not None:
+                self._on_flush(FlushReport(batch.token, written, dead))
+        if item.reply is not None:
+            item.reply.send(None)
+
+    async def _insert(self, chunk: Sequence[Event], token: str) -> None:
+        async for attempt in self._retrying:
+            with attempt:
+                await self._sink.insert(chunk, token)
+
+    async def _dead_letter(self, chunk: Sequence[Event], reason: str, code: int, token: str) -> None:
+        log.error("dead-lettering %d events (%s): %s", len(chunk), token, reason)
+        await self._dead_letters.write(chunk, reason=reason, code=code, token=token)
+        self._counters.dead_lettered += len(chunk)
+
+    def _abandon(self, item: WriteBatch, first_chunk: int, reason: str) -> None:
+        """Dead-letter what ``item`` has left unwritten, synchronously, and answer it."""
+        batch = item.batch
+        if batch is not None:
+            rest = batch.events[first_chunk * self._settings.insert_chunk_rows :]
+            if rest:
+                log.error("dead-lettering %d events (%s): %s", len(rest), batch.token, reason)
+                self._dead_letters.write_now(rest, reason=reason, code=0, token=batch.token)
+                self._counters.dead_lettered += len(rest)
+            self._capacity.give_back(len(batch.events), batch.nbytes)
+        if item.reply is not None:
+            item.reply.send(None)
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        self._counters.retries += 1
+        error = state.outcome.exception() if state.outcome is not None else None
+        log.warning("insert attempt %d failed (%s); retrying", state.attempt_number, error)
