@@ -15,7 +15,9 @@ from analytics_buffer import Event, PermanentSinkError, TransientSinkError
 class MemorySink:
     """Keeps inserted chunks; deduplicates by token like a server with token dedup.
 
-    ``fail_transient`` / ``fail_permanent`` make the next inserts fail.
+    ``fail_transient`` / ``fail_permanent`` make the next inserts fail;
+    ``crash_next`` makes them raise a plain ``RuntimeError``, as an adapter
+    bug would, which crashes the Writer.
     """
 
     def __init__(self) -> None:
@@ -24,6 +26,7 @@ class MemorySink:
         self.inserts = 0
         self.fail_transient = 0
         self.fail_permanent = 0
+        self.crash_next = 0
         self.opened = 0
         self.closed = 0
 
@@ -35,6 +38,9 @@ class MemorySink:
 
     async def insert(self, events: Sequence[Event], token: str) -> None:
         self.inserts += 1
+        if self.crash_next:
+            self.crash_next -= 1
+            raise RuntimeError("adapter bug")
         if self.fail_permanent:
             self.fail_permanent -= 1
             raise PermanentSinkError("Code: 16. No such column nope", code=16)

@@ -1,6 +1,8 @@
 """analytics-buffer: track analytics events in an asyncio service; supervised
 actors batch them into ClickHouse."""
 
+from contextlib import suppress as _suppress
+
 from ._actor import Actor as Actor
 from ._actor import ActorRef as ActorRef
 from ._actor import Reply as Reply
@@ -71,8 +73,6 @@ __all__ = (
 for _name in __all__:
     _value = globals()[_name]
     if getattr(_value, "__module__", "").startswith("analytics_buffer._"):
-        try:
+        with _suppress(AttributeError, TypeError):
             _value.__module__ = __name__
-        except (AttributeError, TypeError):
-            pass
 del _name, _value

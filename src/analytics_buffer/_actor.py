@@ -211,11 +211,16 @@ class Actor:
     async def handle_casts(self, messages: list[object]) -> None:
         """Handle a run of consecutive casts; override to batch them.
 
-        If this raises, the whole run counts as delivered: state the actor
-        kept from it is handed to :meth:`terminate`.
+        If an override raises, the whole run counts as delivered: state the
+        actor kept from it is handed to :meth:`terminate`. This default hands
+        the casts after the failing one to the next instance.
         """
-        for message in messages:
-            await self.handle_cast(message)
+        for index, message in enumerate(messages):
+            try:
+                await self.handle_cast(message)
+            except BaseException:
+                self.ref.mailbox.carry_over(messages[index + 1 :])
+                raise
 
     async def handle_info(self, message: object) -> None:
         """Handle a message from a timer or :meth:`ActorRef.info`."""
@@ -290,22 +295,31 @@ async def run_actor(
     ``shutdown`` seconds. Cancellation propagates after ``terminate``.
     """
     reason: Exception | None = None
+    init_error: Exception | None = None
     async with anyio.create_task_group() as timers:
         actor.ref = ref
         actor._task_group = timers
-        await actor.init()
-        ref.alive = True
-        task_status.started()
         try:
-            await _serve(actor, ref.mailbox)
+            await actor.init()
         except Exception as exc:
-            log.exception("%s crashed", ref.name)
-            reason = exc
-        finally:
-            ref.alive = False
-            with anyio.move_on_after(shutdown, shield=True):
-                await actor.terminate(reason)
+            # Raised outside the task group, so the starter sees it unwrapped.
+            init_error = exc
             timers.cancel_scope.cancel()
+        else:
+            ref.alive = True
+            task_status.started()
+            try:
+                await _serve(actor, ref.mailbox)
+            except Exception as exc:
+                log.exception("%s crashed", ref.name)
+                reason = exc
+            finally:
+                ref.alive = False
+                with anyio.move_on_after(shutdown, shield=True):
+                    await actor.terminate(reason)
+                timers.cancel_scope.cancel()
+    if init_error is not None:
+        raise init_error
     return reason
 
 

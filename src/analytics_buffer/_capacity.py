@@ -29,7 +29,9 @@ class Capacity:
     def fits(self, size: int) -> bool:
         """Whether one more event of ``size`` bytes stays within the bound."""
         counters = self.counters
-        return counters.buffered < self.max_events and counters.buffered_bytes + size <= self.max_bytes
+        return (
+            counters.buffered < self.max_events and counters.buffered_bytes + size <= self.max_bytes
+        )
 
     def take(self, size: int) -> None:
         """Account for one accepted event."""

@@ -140,7 +140,8 @@ class AnalyticsBuffer:
         traceback: TracebackType | None,
     ) -> bool | None:
         self._running = False
-        assert self._supervisor is not None and self._sink is not None
+        assert self._supervisor is not None
+        assert self._sink is not None
         try:
             return await self._supervisor.__aexit__(exc_type, exc, traceback)
         finally:

@@ -141,10 +141,10 @@ def check_event(event: object, max_event_bytes: int) -> tuple[Event, int]:
         if type(key) is not str:
             raise InvalidEvent("properties", f"keys must be strings, got {type(key).__name__}")
         kind = type(value)
-        if kind is str:
+        if isinstance(value, str) and kind is str:
             size += len(key) + len(value) + 6
         elif kind in _PROPERTY_TYPES:
-            if kind is float and not math.isfinite(value):
+            if isinstance(value, float) and not math.isfinite(value):
                 raise InvalidEvent(f"properties.{key}", "must be a finite number")
             size += len(key) + 26
         else:
@@ -157,12 +157,16 @@ def check_event(event: object, max_event_bytes: int) -> tuple[Event, int]:
         if size > max_event_bytes:
             raise InvalidEvent("event", f"encodes to {size} bytes, over max_event_bytes")
     if created_at.microsecond % 1000:
-        created_at = created_at.replace(microsecond=created_at.microsecond - created_at.microsecond % 1000)
+        created_at = created_at.replace(
+            microsecond=created_at.microsecond - created_at.microsecond % 1000
+        )
         event = msgspec.structs.replace(event, created_at=created_at)
     return event, size
 
 
-def decode_event(raw: bytes | bytearray | memoryview | str, max_event_bytes: int) -> tuple[Event, int]:
+def decode_event(
+    raw: bytes | bytearray | memoryview | str, max_event_bytes: int
+) -> tuple[Event, int]:
     """Decode one JSON event, as an HTTP handler received it, and validate it.
 
     :raises InvalidEvent: naming the field at fault

@@ -90,8 +90,12 @@ class Mailbox(Generic[T]):
         return batch
 
     def carry_over(self, messages: Iterable[T]) -> None:
-        """Put ``messages`` back at the head, to be received before anything queued."""
-        self._carry[:0] = messages
+        """Keep ``messages`` for the next receive, ahead of everything queued.
+
+        They go after messages already carried over, so a handler and the
+        loop around it can each hand back their unhandled part, innermost first.
+        """
+        self._carry.extend(messages)
 
     def drain_nowait(self) -> list[T]:
         """Take every message waiting now (carried-over ones first)."""

@@ -108,10 +108,11 @@ class Supervisor:
         try:
             for child in self._children:
                 await task_group.start(self._supervise, child)
-        except BaseException as exc:
+        except BaseException:
             await self._stop_children(self._children)
             self._release_mailboxes()
-            await task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            task_group.cancel_scope.cancel()
+            await task_group.__aexit__(None, None, None)
             raise
         return self
 

@@ -128,7 +128,6 @@ class Writer(Actor):
             if isinstance(message, WriteBatch):
                 self._current, self._next_chunk = message, 0
                 await self._write(message)
-                self._current = None
             else:
                 log.warning("writer: dropped unknown cast %r", message)
 
@@ -173,17 +172,23 @@ class Writer(Actor):
                 self._next_chunk = index + 1
                 await anyio.lowlevel.checkpoint()
             self._capacity.give_back(len(events), batch.nbytes)
-            if self._on_flush is not None:
-                self._on_flush(FlushReport(batch.token, written, dead))
+        self._current = None
         if item.reply is not None:
             item.reply.send(None)
+        if batch is not None and self._on_flush is not None:
+            try:
+                self._on_flush(FlushReport(batch.token, written, dead))
+            except Exception:
+                log.exception("on_flush hook failed")
 
     async def _insert(self, chunk: Sequence[Event], token: str) -> None:
         async for attempt in self._retrying:
             with attempt:
                 await self._sink.insert(chunk, token)
 
-    async def _dead_letter(self, chunk: Sequence[Event], reason: str, code: int, token: str) -> None:
+    async def _dead_letter(
+        self, chunk: Sequence[Event], reason: str, code: int, token: str
+    ) -> None:
         log.error("dead-lettering %d events (%s): %s", len(chunk), token, reason)
         await self._dead_letters.write(chunk, reason=reason, code=code, token=token)
         self._counters.dead_lettered += len(chunk)
