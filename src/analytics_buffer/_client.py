@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Final, final
 
 import anyio
+import anyio.lowlevel
 
 from ._buffer import FLUSH, FLUSH_SOON, EventBuffer
 from ._capacity import Capacity
@@ -193,6 +194,8 @@ class AnalyticsBuffer:
         """Accept ``event``, waiting for room when the buffer is full.
 
         The overflow policy does not apply: ``put`` waits up to ``put_timeout``.
+        With room available it returns without yielding to other tasks, so a
+        producer that puts many events in a row should yield now and then.
 
         :raises BufferFull: when no room came within ``put_timeout``
         :raises InvalidEvent: as for :meth:`track`
@@ -204,8 +207,12 @@ class AnalyticsBuffer:
         except InvalidEvent:
             self._counters.rejected += 1
             raise
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        capacity = self._capacity
+        if capacity.fits(size) and self._enqueue(event, size):
+            return
         with anyio.move_on_after(self.settings.put_timeout):
-            await self._capacity.wait_for_room(size)
+            await capacity.wait_for_room(size)
             self._capacity.take(size)
             try:
                 await self._buffer_ref.send((event, size))
@@ -233,15 +240,18 @@ class AnalyticsBuffer:
         return self._counters.snapshot()
 
     def _accept(self, event: Event, size: int) -> bool:
-        capacity = self._capacity
-        if not capacity.fits(size):
-            return self._overflow()
-        capacity.take(size)
+        if self._capacity.fits(size) and self._enqueue(event, size):
+            return True
+        return self._overflow()
+
+    def _enqueue(self, event: Event, size: int) -> bool:
+        """Hand the event to the EventBuffer if its mailbox has room."""
+        self._capacity.take(size)
         try:
             self._buffer_ref.cast((event, size))
         except MailboxFull:
-            capacity.give_back(1, size)
-            return self._overflow()
+            self._capacity.give_back(1, size)
+            return False
         self._counters.accepted += 1
         return True
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, final
 
 import anyio
+import anyio.lowlevel
 from tenacity import (
     AsyncRetrying,
     RetryCallState,

@@ -1,0 +1,231 @@
+"""Throughput of the whole pipeline against its ceiling and against no buffer.
+
+Measured side by side in one run, against one ClickHouse server (a
+throwaway ``clickhouse-server`` unless ``--clickhouse-url`` is given):
+
+* ``raw_insert_rows_per_s``: asynch bulk INSERTs of prebuilt rows, 100k rows
+  each, into the same table: the ceiling for the pipeline.
+* ``pipeline_events_per_s``: prebuilt events through ``put`` -> EventBuffer
+  -> Writer -> ClickHouse at default settings, timed from the first event
+  to the end of ``flush()``, and counted back from ClickHouse.
+* ``per_event_insert_rows_per_s``: one INSERT per event, what a service
+  without a buffer does.
+* ``track_median_us`` / ``track_p99_us``: the cost of one ``track`` call, each
+  timed alone, with the writer flushing in between.
+* ``max_loop_lag_ms``: the longest stall of the event loop seen by a task
+  that wakes every millisecond while the pipeline runs and flushes.
+
+Usage: ``python benchmarks/throughput.py [--events N] [--json] [--clickhouse-url URL]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+from asynch import Connection
+
+from analytics_buffer import AnalyticsBuffer, Event, Settings
+from analytics_buffer.testing import ClickHouseServer
+
+COLUMNS = (
+    "id, name, project_id, profile_id, session_id, created_at, created_at_ms, "
+    "path, origin, referrer, duration, properties.key, properties.value"
+)
+
+
+def make_events(count: int, project: str) -> list[Event]:
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    return [
+        Event(
+            name=("screen_view", "click", "signup")[i % 3],
+            project_id=project,
+            profile_id=f"u{i % 5000}",
+            session_id=f"s{i % 9000}",
+            created_at=start + timedelta(milliseconds=i),
+            path="/docs/start",
+            origin="https://example.com",
+            referrer="https://www.google.com/",
+            properties={"plan": "pro", "step": i % 7},
+        )
+        for i in range(count)
+    ]
+
+
+def as_row(event: Event) -> tuple[Any, ...]:
+    """The row the raw benchmark inserts: what the table needs, built beforehand."""
+    created = event.created_at
+    return (
+        event.id,
+        event.name,
+        event.project_id,
+        event.profile_id,
+        event.session_id,
+        created.replace(microsecond=0),
+        created.microsecond // 1000,
+        event.path,
+        event.origin,
+        event.referrer,
+        event.duration,
+        list(event.properties),
+        [str(value) for value in event.properties.values()],
+    )
+
+
+async def raw_insert(url: str, table: str, rows: list[tuple[Any, ...]]) -> float:
+    async with Connection(dsn=url) as conn, conn.cursor() as cursor:
+        started = time.perf_counter()
+        for start in range(0, len(rows), 100_000):
+            await cursor.execute(f"INSERT INTO {table} ({COLUMNS}) VALUES", rows[start : start + 100_000])
+        return len(rows) / (time.perf_counter() - started)
+
+
+async def per_event_insert(url: str, table: str, rows: list[tuple[Any, ...]]) -> float:
+    async with Connection(dsn=url) as conn, conn.cursor() as cursor:
+        started = time.perf_counter()
+        for row in rows:
+            await cursor.execute(f"INSERT INTO {table} ({COLUMNS}) VALUES", [row])
+        return len(rows) / (time.perf_counter() - started)
+
+
+async def count_rows(url: str, sql: str) -> int:
+    async with Connection(dsn=url) as conn, conn.cursor() as cursor:
+        await cursor.execute(sql)
+        rows = await cursor.fetchall()
+        return int(rows[0][0])
+
+
+class LoopLag:
+    """Wakes every millisecond and keeps the worst overshoot."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+
+    async def watch(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await anyio.sleep(0.001)
+            self.worst = max(self.worst, time.perf_counter() - before - 0.001)
+
+
+async def pipeline(settings: Settings, events: list[Event]) -> tuple[float, float, int]:
+    lag = LoopLag()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lag.watch)
+        async with AnalyticsBuffer(settings) as buffer:
+            started = time.perf_counter()
+            for start in range(0, len(events), 1000):
+                for event in events[start : start + 1000]:
+                    await buffer.put(event)
+                # A service yields between requests; so does this producer.
+                await anyio.lowlevel.checkpoint()
+            await buffer.flush()
+            seconds = time.perf_counter() - started
+            written = buffer.stats().written
+        tg.cancel_scope.cancel()
+    return len(events) / seconds, lag.worst * 1000, written
+
+
+async def track_latency(settings: Settings, events: list[Event]) -> list[float]:
+    """Time each ``track`` call alone; yield every 1,000 so the writer drains."""
+    samples: list[float] = []
+    clock = time.perf_counter_ns
+    async with AnalyticsBuffer(settings) as buffer:
+        track = buffer.track
+        for start in range(0, len(events), 1000):
+            for event in events[start : start + 1000]:
+                before = clock()
+                track(event)
+                samples.append((clock() - before) / 1000)
+            await anyio.lowlevel.checkpoint()
+            if buffer.stats().buffered > settings.max_buffered_events // 2:
+                await buffer.flush()
+        assert buffer.stats().dropped == 0, "the latency run must not hit the bound"
+    return samples
+
+
+@contextmanager
+def clickhouse(url: str | None) -> Iterator[str]:
+    if url is not None:
+        yield url
+        return
+    with ClickHouseServer() as server:
+        yield server.url
+
+
+async def main_async(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, Any]:
+    with clickhouse(args.clickhouse_url) as url:
+        settings = Settings(clickhouse_url=url, data_dir=args.data_dir, table="bench_events")
+        # Let the buffer create the table, so every measurement uses the same one.
+        async with AnalyticsBuffer(settings):
+            pass
+        report(f"building {args.events} events")
+        events = make_events(args.events, "bench-pipeline")
+        raw_rows = [as_row(event) for event in make_events(args.events, "bench-raw")]
+        single_rows = [as_row(event) for event in make_events(args.single, "bench-single")]
+        latency_events = make_events(args.latency_events, "bench-latency")
+
+        report("raw asynch bulk insert")
+        raw = await raw_insert(url, settings.table, raw_rows)
+        report("pipeline")
+        pipeline_rate, lag_ms, written = await pipeline(settings, events)
+        counted = await count_rows(
+            url, f"SELECT count() FROM {settings.table} WHERE project_id = 'bench-pipeline'"
+        )
+        report("one INSERT per event")
+        single = await per_event_insert(url, settings.table, single_rows)
+        report("track latency")
+        samples = await track_latency(settings, latency_events)
+
+    quantiles = statistics.quantiles(samples, n=100)
+    return {
+        "events": args.events,
+        "raw_insert_rows_per_s": round(raw),
+        "pipeline_events_per_s": round(pipeline_rate),
+        "pipeline_written_counted_back": counted,
+        "pipeline_written_reported": written,
+        "per_event_insert_rows_per_s": round(single, 1),
+        "pipeline_to_raw_ratio": round(pipeline_rate / raw, 3),
+        "track_median_us": round(statistics.median(samples), 3),
+        "track_p99_us": round(quantiles[98], 3),
+        "max_loop_lag_ms": round(lag_ms, 2),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=400_000)
+    parser.add_argument("--single", type=int, default=300, help="events for one-INSERT-per-event")
+    parser.add_argument("--latency-events", type=int, default=200_000)
+    parser.add_argument("--clickhouse-url", default=None)
+    parser.add_argument("--data-dir", default="analytics-buffer-data/bench")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+
+    def report(step: str) -> None:
+        print(f"... {step}", file=sys.stderr, flush=True)
+
+    result = asyncio.run(main_async(args, report))
+    if result["pipeline_written_counted_back"] != args.events:
+        print("ERROR: the pipeline did not write every event", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
