@@ -65,6 +65,8 @@ class AnalyticsBuffer:
             self._counters, self.settings.max_buffered_events, self.settings.max_buffered_bytes
         )
         self._max_event_bytes = self.settings.max_event_bytes
+        self._max_buffered_events = self.settings.max_buffered_events
+        self._max_buffered_bytes = self.settings.max_buffered_bytes
         self._supervisor: Supervisor | None = None
         self._running = False
         self._entered = False
@@ -240,7 +242,13 @@ class AnalyticsBuffer:
         return self._counters.snapshot()
 
     def _accept(self, event: Event, size: int) -> bool:
-        if self._capacity.fits(size) and self._enqueue(event, size):
+        # Capacity.fits, inlined: this runs once per tracked event.
+        counters = self._counters
+        if (
+            counters.buffered < self._max_buffered_events
+            and counters.buffered_bytes + size <= self._max_buffered_bytes
+            and self._enqueue(event, size)
+        ):
             return True
         return self._overflow()
 

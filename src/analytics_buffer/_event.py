@@ -118,18 +118,33 @@ def check_event(event: object, max_event_bytes: int) -> tuple[Event, int]:
     project_id = event.project_id
     if type(project_id) is not str or not project_id:
         raise InvalidEvent("project_id", "must be a non-empty string")
-    size = _FIXED_EVENT_BYTES + len(name) + len(project_id)
-    for field in _TEXT_FIELDS:
-        value = getattr(event, field)
-        if type(value) is not str:
-            raise InvalidEvent(field, f"must be a string, got {type(value).__name__}")
-        size += len(value)
+    profile_id, session_id = event.profile_id, event.session_id
+    path, origin, referrer = event.path, event.origin, event.referrer
+    if not (
+        type(profile_id) is str
+        and type(session_id) is str
+        and type(path) is str
+        and type(origin) is str
+        and type(referrer) is str
+    ):
+        _raise_text_field(event)
+    size = (
+        _FIXED_EVENT_BYTES
+        + len(name)
+        + len(project_id)
+        + len(profile_id)
+        + len(session_id)
+        + len(path)
+        + len(origin)
+        + len(referrer)
+    )
     if type(event.id) is not uuid.UUID:
         raise InvalidEvent("id", f"must be a uuid.UUID, got {type(event.id).__name__}")
     created_at = event.created_at
     if type(created_at) is not datetime:
         raise InvalidEvent("created_at", f"must be a datetime, got {type(created_at).__name__}")
-    if created_at.tzinfo is None or created_at.utcoffset() is None:
+    tzinfo = created_at.tzinfo
+    if tzinfo is None or (tzinfo is not UTC and created_at.utcoffset() is None):
         raise InvalidEvent("created_at", "must be timezone-aware (naive datetimes are ambiguous)")
     duration = event.duration
     if type(duration) is not int or not 0 <= duration <= _MAX_DURATION_MS:
@@ -141,7 +156,7 @@ def check_event(event: object, max_event_bytes: int) -> tuple[Event, int]:
         if type(key) is not str:
             raise InvalidEvent("properties", f"keys must be strings, got {type(key).__name__}")
         kind = type(value)
-        if isinstance(value, str) and kind is str:
+        if isinstance(value, str):
             size += len(key) + len(value) + 6
         elif kind in _PROPERTY_TYPES:
             if isinstance(value, float) and not math.isfinite(value):
@@ -162,6 +177,13 @@ def check_event(event: object, max_event_bytes: int) -> tuple[Event, int]:
         )
         event = msgspec.structs.replace(event, created_at=created_at)
     return event, size
+
+
+def _raise_text_field(event: Event) -> None:
+    for field in _TEXT_FIELDS:
+        value = getattr(event, field)
+        if type(value) is not str:
+            raise InvalidEvent(field, f"must be a string, got {type(value).__name__}")
 
 
 def decode_event(
