@@ -24,6 +24,10 @@ __all__ = ("Event", "PropertyValue", "check_event", "decode_event", "new_event_i
 PropertyValue = str | int | float | bool
 
 _MAX_DURATION_MS: Final = 2**32 - 1
+EARLIEST_CREATED_AT: Final = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_CREATED_AT: Final = datetime(2106, 2, 7, 6, 28, 15, 999000, tzinfo=UTC)
+"""The range every supported column type holds (ClickHouse ``DateTime`` is
+the narrowest), so an event the table cannot store is refused at ``track``."""
 _FIXED_EVENT_BYTES: Final = 160
 """Encoded size of an event's id, timestamps, numbers and JSON punctuation."""
 
@@ -75,8 +79,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True):
     """One analytics event.
 
     Only ``name`` and ``project_id`` are required. ``created_at`` must be
-    timezone-aware; it is kept to the millisecond end to end (finer parts
-    are truncated when the event is accepted). ``duration`` is in
+    timezone-aware and between 1970 and 2106 (what every supported column
+    type holds); it is kept to the millisecond end to end (finer parts are
+    truncated when the event is accepted). ``duration`` is in
     milliseconds, 0 when unknown. Property values are ``str``, ``int``,
     ``float`` or ``bool``; ClickHouse stores them as strings.
     """
@@ -146,6 +151,10 @@ def check_event(event: object, max_event_bytes: int) -> tuple[Event, int]:
     tzinfo = created_at.tzinfo
     if tzinfo is None or (tzinfo is not UTC and created_at.utcoffset() is None):
         raise InvalidEvent("created_at", "must be timezone-aware (naive datetimes are ambiguous)")
+    if not EARLIEST_CREATED_AT <= created_at <= LATEST_CREATED_AT:
+        raise InvalidEvent(
+            "created_at", f"must lie in [{EARLIEST_CREATED_AT}, {LATEST_CREATED_AT}]"
+        )
     duration = event.duration
     if type(duration) is not int or not 0 <= duration <= _MAX_DURATION_MS:
         raise InvalidEvent("duration", f"must be an int of milliseconds in [0, {_MAX_DURATION_MS}]")

@@ -105,11 +105,13 @@ class Supervisor:
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
+        started: list[_Child] = []
         try:
             for child in self._children:
                 await task_group.start(self._supervise, child)
+                started.append(child)
         except BaseException:
-            await self._stop_children(self._children)
+            await self._stop_children(started)
             self._release_mailboxes()
             task_group.cancel_scope.cancel()
             await task_group.__aexit__(None, None, None)

@@ -34,7 +34,8 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from ._actor import Actor, Reply, fail_pending_calls
@@ -106,11 +107,10 @@ class Writer(Actor):
         self._next_chunk = 0
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(settings.retry_attempts),
-            wait=wait_exponential_jitter(
-                initial=settings.retry_initial_backoff,
-                max=settings.retry_max_backoff,
-                jitter=settings.retry_initial_backoff,
-            ),
+            wait=wait_exponential(
+                multiplier=settings.retry_initial_backoff, max=settings.retry_max_backoff
+            )
+            + wait_random(0, settings.retry_initial_backoff),
             retry=retry_if_exception_type(TransientSinkError),
             sleep=anyio.sleep,
             reraise=True,
