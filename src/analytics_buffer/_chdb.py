@@ -1,0 +1,215 @@
+"""``ChdbSink``: the events table in embedded ClickHouse (chdb), the default engine.
+
+chdb runs ClickHouse (26.x) inside the process, storing under
+``<data_dir>/chdb``; it is the ``embedded`` extra
+(``pip install 'analytics-buffer[embedded]'``) and is imported only when a
+sink opens. Its calls block, so each runs in a worker thread, one at a time
+per sink (a capacity limiter of one); a call that has started runs to its end
+even if the caller is cancelled, so an INSERT is never left half-done.
+
+Rows are built by the same row function as the native sink (see
+:mod:`analytics_buffer._rows`, its ``json`` dialect) and sent as
+``JSONCompactEachRow`` with one reused msgspec encoder: ``created_at`` as
+seconds with a three-digit fraction (JSON reads a bare integer as seconds),
+UUIDs as text, dicts as maps.
+Each INSERT carries ``insert_deduplication_token`` (the table is created with
+``non_replicated_deduplication_window``), so a retried chunk is stored once.
+
+chdb hosts one embedded server per process, bound to the data directory of
+the first session; opening a sink on another directory while one is open is
+a :class:`~analytics_buffer.ConfigError`. Sinks on the same directory share
+it. Server errors are classified by their code like the native sink's
+(:mod:`analytics_buffer._clickhouse_codes`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar, final
+
+import anyio
+import anyio.to_thread
+import msgspec
+
+from ._clickhouse_codes import code_in_message, error_for_code
+from ._event import Event
+from ._exceptions import ConfigError, PermanentSinkError, SinkError, TransientSinkError
+from ._rows import RowPlan, plan_rows
+from ._schema import Capabilities, events_ddl
+from ._settings import Settings
+
+__all__ = ("ChdbSink", "embedded_capabilities")
+
+_T = TypeVar("_T")
+
+_INSTALL_HINT: Final = "pip install 'analytics-buffer[embedded]'"
+# 64-bit integers as JSON numbers, so counts come back as ints.
+_SESSION_OPTIONS: Final = "?output_format_json_quote_64bit_integers=0"
+
+_encoder: Final = msgspec.json.Encoder()
+_decoder: Final = msgspec.json.Decoder(list[Any])
+
+
+def _import_chdb() -> Any:
+    try:
+        import chdb.session
+    except ImportError as exc:
+        raise ConfigError(f"the embedded engine needs chdb: {_INSTALL_HINT}") from exc
+    return chdb
+
+
+def embedded_capabilities() -> Capabilities:
+    """Return the capabilities of the installed chdb engine, without starting it.
+
+    :raises ConfigError: when chdb is not installed
+    """
+    return Capabilities.for_version(str(_import_chdb().engine_version))
+
+
+def _sql_literal(value: int | str) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _sink_error(exc: Exception) -> SinkError:
+    message = str(exc)
+    code = code_in_message(message)
+    if code is None:
+        return TransientSinkError(f"chdb failed: {message}")
+    return error_for_code(code, f"chdb error {code}: {message}")
+
+
+@final
+class ChdbSink:
+    """The events table in chdb under ``<data_dir>/chdb`` (see the module docstring).
+
+    :param settings: ``data_dir`` and ``table`` are used
+    :param create_table: create the table (``IF NOT EXISTS``) when opening
+    """
+
+    def __init__(self, settings: Settings, *, create_table: bool = True) -> None:
+        self._settings = settings
+        self._path = os.path.join(settings.data_dir, "chdb")
+        self._create_table = create_table
+        self._limiter = anyio.CapacityLimiter(1)
+        self._open_lock = anyio.Lock()
+        self._session: Any = None
+        self._capabilities: Capabilities | None = None
+        self._plan: RowPlan | None = None
+        self._insert_head = ""
+
+    @property
+    def path(self) -> str:
+        """The chdb data directory."""
+        return self._path
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        """What the engine supports; ``None`` until opened."""
+        return self._capabilities
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns each INSERT names; empty until opened."""
+        return self._plan.columns if self._plan else ()
+
+    async def open(self) -> None:
+        """Start (or join) the embedded server, create the table if asked to, learn its columns.
+
+        Safe to call again: an open sink returns at once.
+
+        :raises ConfigError: chdb is missing, another data directory is open
+            in this process, or the table does not fit the events
+        """
+        async with self._open_lock:
+            if self._plan is not None:
+                return
+            if self._session is None:
+                # Importing chdb loads a large library: keep it off the event loop too.
+                chdb = await self._call(_import_chdb)
+                self._session = await self._call(self._start, chdb)
+            table = self._settings.table
+            try:
+                version = await self._query_rows("SELECT version()")
+                caps = Capabilities.for_version(str(version[0][0]))
+                if self._create_table:
+                    await self._query(events_ddl(table, caps))
+                described = await self._query_rows(f"DESCRIBE TABLE `{table}`")
+            except PermanentSinkError as exc:
+                raise ConfigError(f"chdb refused to set up table {table!r}: {exc}") from exc
+            plan = plan_rows(((row[0], row[1], row[2]) for row in described), table, dialect="json")
+            self._capabilities = caps
+            self._insert_head = f"INSERT INTO `{table}` ({plan.column_list})"
+            self._plan = plan
+
+    def _start(self, chdb: Any) -> Any:
+        os.makedirs(self._path, exist_ok=True)
+        try:
+            return chdb.session.Session(self._path + _SESSION_OPTIONS)
+        except RuntimeError as exc:
+            # e.g. "EmbeddedServer already initialized with path '...'".
+            raise ConfigError(
+                f"chdb cannot open {self._path!r}: {exc} "
+                "(chdb serves one data directory per process)"
+            ) from exc
+
+    async def insert(self, events: Sequence[Event], token: str) -> None:
+        """Insert ``events`` as one INSERT identified by ``token``.
+
+        Opens the sink first if an earlier ``open`` failed.
+
+        :raises TransientSinkError: may be retried with the same token
+        :raises PermanentSinkError: the engine refused the rows
+        """
+        if not events:
+            return
+        if self._plan is None:
+            try:
+                await self.open()
+            except ConfigError as exc:
+                # Opened late (the server was down at start): the table is unusable.
+                raise PermanentSinkError(str(exc)) from exc
+        assert self._plan is not None
+        assert self._capabilities is not None
+        settings = self._capabilities.insert_settings(token)
+        head = ", ".join(f"{name}={_sql_literal(value)}" for name, value in settings.items())
+        body = _encoder.encode_lines(self._plan.rows(events))
+        sql = f"{self._insert_head} SETTINGS {head} FORMAT JSONCompactEachRow\n{body.decode()}"
+        await self._query(sql)
+
+    async def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run a read query; rows hold JSON values (numbers, strings, lists, dicts).
+
+        :raises TransientSinkError: may be retried
+        :raises PermanentSinkError: the engine refused the query
+        """
+        if self._session is None:
+            await self.open()
+        return await self._query_rows(sql)
+
+    async def aclose(self) -> None:
+        """Close this sink's chdb session; safe to call twice."""
+        session, self._session = self._session, None
+        self._plan = None
+        if session is not None:
+            with anyio.CancelScope(shield=True):
+                await self._call(session.close)
+
+    async def _query_rows(self, sql: str) -> list[tuple[Any, ...]]:
+        output = await self._query(sql, "JSONCompactEachRow")
+        return [tuple(row) for row in _decoder.decode_lines(output)]
+
+    async def _query(self, sql: str, fmt: str = "CSV") -> bytes:
+        session = self._session
+        if session is None:
+            raise TransientSinkError("the chdb sink is closed")
+        try:
+            result = await self._call(session.query, sql, fmt)
+        except RuntimeError as exc:  # chdb's ChdbError is a RuntimeError
+            raise _sink_error(exc) from exc
+        return bytes(result.bytes())
+
+    async def _call(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._limiter)

@@ -1,0 +1,161 @@
+"""The ``analytics-buffer`` command line (also ``python -m analytics_buffer``).
+
+Subcommands live in one registry, :data:`COMMANDS`: a subcommand is a
+:class:`Command` (name, help line, a function adding its arguments, an async
+handler returning the exit status) added with :func:`register`. Handlers run
+on anyio's asyncio backend (asynch needs it).
+
+Settings come from the ``ANALYTICS_BUFFER_*`` environment variables, then
+from the options (``--clickhouse-url``, ``--table``, ``--data-dir``).
+
+Exit status: 0 on success, 1 when the storage fails, 2 for a configuration
+or usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, NamedTuple
+
+import anyio
+
+from ._exceptions import AnalyticsBufferError, ConfigError
+from ._schema import Capabilities, events_ddl
+from ._settings import Settings
+
+__all__ = ("COMMANDS", "Command", "main", "register")
+
+
+class Command(NamedTuple):
+    """One subcommand of ``analytics-buffer``."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    """Adds the subcommand's arguments to its parser."""
+    run: Callable[[argparse.Namespace], Awaitable[int]]
+    """Does the work; returns the exit status."""
+
+
+COMMANDS: dict[str, Command] = {}
+"""The subcommands by name, in the order ``--help`` lists them."""
+
+
+def register(command: Command) -> Command:
+    """Add ``command`` to :data:`COMMANDS` (a name can be registered once)."""
+    if command.name in COMMANDS:
+        raise ValueError(f"subcommand {command.name!r} is already registered")
+    COMMANDS[command.name] = command
+    return command
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options choosing the storage: ``--clickhouse-url``, ``--table``, ``--data-dir``."""
+    parser.add_argument(
+        "--clickhouse-url",
+        metavar="URL",
+        help="clickhouse://user:password@host:port/database (default: the embedded engine)",
+    )
+    parser.add_argument("--table", metavar="NAME", help="the events table (default: events)")
+    parser.add_argument("--data-dir", metavar="DIR", help="the embedded engine's data directory")
+
+
+def settings_from(args: argparse.Namespace, **overrides: Any) -> Settings:
+    """Return the settings of the environment, overridden by the engine options given."""
+    for name in ("clickhouse_url", "table", "data_dir"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides.setdefault(name, value)
+    return Settings.from_env(**overrides)
+
+
+# --- schema ---------------------------------------------------------------
+
+
+def _configure_schema(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument(
+        "--apply",
+        action="store_true",
+        help="create the table (if it does not exist) and check that it fits the events",
+    )
+
+
+async def _capabilities(settings: Settings, *, apply: bool) -> Capabilities:
+    if settings.clickhouse_url:
+        from ._clickhouse import ClickHouseSink
+
+        server = ClickHouseSink(settings, create_table=apply)
+        try:
+            if not apply:
+                return await server.fetch_capabilities()
+            await server.open()
+            assert server.capabilities is not None
+            return server.capabilities
+        finally:
+            await server.aclose()
+    from ._chdb import ChdbSink, embedded_capabilities
+
+    if not apply:
+        return embedded_capabilities()
+    embedded = ChdbSink(settings)
+    try:
+        await embedded.open()
+        assert embedded.capabilities is not None
+        return embedded.capabilities
+    finally:
+        await embedded.aclose()
+
+
+async def _run_schema(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    caps = await _capabilities(settings, apply=args.apply)
+    engine = "ClickHouse" if settings.clickhouse_url else "chdb (embedded ClickHouse)"
+    print(f"-- the events table for {engine} {caps.version}")
+    print(f"{events_ddl(settings.table, caps)};")
+    if args.apply:
+        print(f"-- applied: table {settings.table!r} exists and fits the events", file=sys.stderr)
+    return 0
+
+
+register(
+    Command(
+        "schema",
+        "print the events table's DDL for the server's version (--apply creates it)",
+        _configure_schema,
+        _run_schema,
+    )
+)
+
+# --- demo -----------------------------------------------------------------
+# The demo subcommand registers itself here the same way:
+# register(Command("demo", "...", _configure_demo, _run_demo)).
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="analytics-buffer",
+        description="Tools for analytics-buffer's storage.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS.values():
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.configure(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = build_parser().parse_args(argv)
+    command = COMMANDS[args.command]
+    try:
+        return anyio.run(command.run, args, backend="asyncio")
+    except ConfigError as exc:
+        print(f"analytics-buffer {command.name}: {exc}", file=sys.stderr)
+        return 2
+    except AnalyticsBufferError as exc:
+        print(f"analytics-buffer {command.name}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,302 @@
+"""``ClickHouseSink``: the events table on a ClickHouse server, over asynch (native TCP).
+
+Opening detects the server version (``SELECT version()``), creates the table
+for it when asked to (:func:`~analytics_buffer._schema.events_ddl`), and maps
+the Event fields onto the table's columns (:mod:`analytics_buffer._rows`).
+Each INSERT carries ``insert_deduplicate=1``, the chunk's
+``insert_deduplication_token`` (22.2+) and ``async_insert=0`` (21.11+), and
+each attempt is bounded by ``insert_timeout``.
+
+At most ``pool_size`` connections are open; a connection whose query
+failed or was interrupted (timeout, cancellation, a broken socket) is left
+half-way through the protocol, so it is closed and forgotten, never reused.
+The pool is a small one of our own rather than ``asynch.Pool`` (checked
+against asynch 0.4.0): after a cancelled query, asynch's ``close()`` awaits a
+close waiter that the cancellation already cancelled, so every later close
+raises that stale ``CancelledError``; ``asynch.Pool`` pings and closes a
+connection when it comes back, so a discarded one would raise out of the
+pool, and its give-back is itself cancellable (an interrupted give-back
+leaves the slot taken for good). Ours closes a failed connection once, in a
+shielded scope, ignores the stale error and drops it; it does not ping, as
+asynch already pings before each query and reconnects a stale socket.
+
+Errors never leave unwrapped (``raise ... from exc``):
+
+* the server refused the query: by its code (:mod:`._clickhouse_codes`),
+  :class:`~analytics_buffer.PermanentSinkError` or
+  :class:`~analytics_buffer.TransientSinkError`;
+* the server cannot be reached: transient, not persisted;
+* the connection broke or timed out once the INSERT had started: transient
+  and ``possibly_persisted`` (the server may have stored the block);
+* the rows do not serialise into the table's types: permanent, code 0.
+
+``open`` raises :class:`~analytics_buffer.ConfigError` instead of a
+permanent error (unknown database, refused credentials, a table that does
+not fit): nothing can be written until the configuration changes.
+
+asynch runs on asyncio only, so this sink needs anyio's asyncio backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any, final
+
+import anyio
+import asynch
+from asynch.errors import ClickHouseException, ColumnException, NetworkError, ServerException
+from asynch.proto.utils.dsn import DSNError, parse_dsn
+
+from ._clickhouse_codes import PERMANENT_CODES, error_for_code
+from ._event import Event
+from ._exceptions import ConfigError, PermanentSinkError, SinkError, TransientSinkError
+from ._rows import RowPlan, plan_rows
+from ._schema import Capabilities, events_ddl
+from ._settings import Settings
+
+__all__ = ("ClickHouseSink",)
+
+log = logging.getLogger("analytics_buffer.clickhouse")
+
+_SERIALISATION_ERRORS = (ColumnException, struct.error, TypeError, ValueError, OverflowError)
+
+
+def _sink_error(exc: Exception, *, started: bool) -> SinkError:
+    """Return the sink error for a driver error; ``started``: the query had been sent."""
+    if isinstance(exc, SinkError):
+        return exc
+    if isinstance(exc, ServerException):
+        code = exc.code or 0
+        return error_for_code(code, f"ClickHouse error {code}: {exc.message}")
+    if isinstance(exc, NetworkError):
+        # asynch raises it only when no host accepts a connection.
+        return TransientSinkError(f"ClickHouse is unreachable: {exc}")
+    if isinstance(exc, TimeoutError):
+        # Ours (insert_timeout) or one of asynch's socket timeouts.
+        return TransientSinkError("ClickHouse did not answer in time", possibly_persisted=started)
+    if isinstance(exc, (OSError, EOFError)):
+        what = type(exc).__name__
+        return TransientSinkError(
+            f"ClickHouse connection failed: {what}: {exc}", possibly_persisted=started
+        )
+    if isinstance(exc, ClickHouseException) and exc.code in PERMANENT_CODES:
+        # Client-side checks with a server code, e.g. CannotParseUuidError (376).
+        return PermanentSinkError(f"rows do not fit the table: {exc}", code=int(exc.code))
+    if isinstance(exc, _SERIALISATION_ERRORS):
+        return PermanentSinkError(f"rows do not fit the table: {type(exc).__name__}: {exc}")
+    return TransientSinkError(
+        f"ClickHouse client error: {type(exc).__name__}: {exc}", possibly_persisted=started
+    )
+
+
+def _connection_options(settings: Settings) -> dict[str, Any]:
+    if not settings.clickhouse_url:
+        raise ConfigError("ClickHouseSink needs settings.clickhouse_url")
+    try:
+        options: dict[str, Any] = parse_dsn(settings.clickhouse_url)
+    except (DSNError, ValueError) as exc:
+        raise ConfigError(f"clickhouse_url does not parse: {exc}") from exc
+    # Timeouts given in the URL win over the settings.
+    defaults = {
+        "connect_timeout": settings.connect_timeout,
+        "sync_request_timeout": settings.connect_timeout,
+        "send_receive_timeout": settings.insert_timeout,
+    }
+    return defaults | options
+
+
+async def _close_quietly(connection: asynch.Connection) -> None:
+    """Close ``connection`` and ignore how that fails; call it in a shielded scope.
+
+    After a cancelled query the close raises the stale ``CancelledError`` of
+    asynch's cancelled close waiter (no cancellation can reach us in the
+    shield); the socket itself was closed just before that wait.
+    """
+    with suppress(Exception, anyio.get_cancelled_exc_class()):
+        await connection.close()
+
+
+@final
+class _Connections:
+    """At most ``size`` asynch connections, opened on demand; a failed one is dropped."""
+
+    def __init__(self, size: int, options: dict[str, Any]) -> None:
+        self._options = options
+        self._slots = anyio.Semaphore(size)
+        self._idle: list[asynch.Connection] = []
+        self._busy: set[asynch.Connection] = set()
+        self._closed = False
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asynch.Connection]:
+        """Lend a connected connection; it is closed and dropped if the body fails."""
+        async with self._slots:
+            connection = self._idle.pop() if self._idle else asynch.Connection(**self._options)
+            self._busy.add(connection)
+            healthy = False
+            try:
+                # asynch pings before each query and reconnects a stale socket.
+                await connection.connect()
+                yield connection
+                healthy = True
+            finally:
+                self._busy.discard(connection)
+                if healthy and not self._closed:
+                    self._idle.append(connection)
+                else:
+                    with anyio.CancelScope(shield=True):
+                        await _close_quietly(connection)
+
+    @property
+    def idle(self) -> int:
+        """Connections open and waiting to be lent."""
+        return len(self._idle)
+
+    @property
+    def busy(self) -> int:
+        """Connections lent out."""
+        return len(self._busy)
+
+    async def aclose(self) -> None:
+        """Close every connection, including lent ones (their queries fail)."""
+        self._closed = True
+        connections = [*self._idle, *self._busy]
+        self._idle.clear()
+        with anyio.CancelScope(shield=True):
+            for connection in connections:
+                await _close_quietly(connection)
+
+
+@final
+class ClickHouseSink:
+    """The events table on a ClickHouse server (see the module docstring).
+
+    :param settings: ``clickhouse_url``, ``table``, ``pool_size``,
+        ``connect_timeout`` and ``insert_timeout`` are used
+    :param create_table: create the table (``IF NOT EXISTS``) when opening
+    :raises ConfigError: when ``clickhouse_url`` is missing or malformed
+    """
+
+    def __init__(self, settings: Settings, *, create_table: bool = True) -> None:
+        self._settings = settings
+        self._options = _connection_options(settings)
+        self._create_table = create_table
+        self._open_lock = anyio.Lock()
+        self._pool: _Connections | None = None
+        self._capabilities: Capabilities | None = None
+        self._plan: RowPlan | None = None
+        self._insert_sql = ""
+
+    @property
+    def capabilities(self) -> Capabilities | None:
+        """What the server supports; ``None`` until the version is known."""
+        return self._capabilities
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns each INSERT names; empty until opened."""
+        return self._plan.columns if self._plan else ()
+
+    async def open(self) -> None:
+        """Detect the version, create the table if asked to, and learn its columns.
+
+        Safe to call again: an open sink returns at once, and ``insert``
+        calls it when an earlier ``open`` failed (the server was down).
+
+        :raises ConfigError: the table does not fit the events, or the server
+            refused the configuration (unknown database, credentials)
+        :raises TransientSinkError: the server cannot be reached
+        """
+        async with self._open_lock:
+            if self._plan is not None:
+                return
+            table = self._settings.table
+            try:
+                caps = await self.fetch_capabilities()
+                if self._create_table:
+                    await self._run(events_ddl(table, caps))
+                described = await self._run(f"DESCRIBE TABLE `{table}`")
+            except PermanentSinkError as exc:
+                raise ConfigError(f"ClickHouse refused to set up table {table!r}: {exc}") from exc
+            plan = plan_rows(((row[0], row[1], row[2]) for row in described), table)
+            self._insert_sql = f"INSERT INTO `{table}` ({plan.column_list}) VALUES"
+            self._plan = plan
+
+    async def fetch_capabilities(self) -> Capabilities:
+        """Ask the server its version (once) and return what it supports.
+
+        :raises TransientSinkError: the server cannot be reached
+        """
+        if self._capabilities is None:
+            rows = await self._run("SELECT version()")
+            self._capabilities = Capabilities.for_version(str(rows[0][0]))
+            log.debug("ClickHouse %s: %s", rows[0][0], self._capabilities)
+        return self._capabilities
+
+    async def insert(self, events: Sequence[Event], token: str) -> None:
+        """Insert ``events`` as one INSERT identified by ``token``.
+
+        Opens the sink first if an earlier ``open`` failed.
+
+        :raises TransientSinkError: may be retried with the same token
+        :raises PermanentSinkError: the server refused the rows
+        """
+        if not events:
+            return
+        if self._plan is None:
+            try:
+                await self.open()
+            except ConfigError as exc:
+                # Opened late (the server was down at start): the table is unusable.
+                raise PermanentSinkError(str(exc)) from exc
+        assert self._plan is not None
+        assert self._capabilities is not None
+        rows = self._plan.rows(events)
+        settings = self._capabilities.insert_settings(token)
+        await self._run(self._insert_sql, rows, settings)
+
+    async def query(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run a read query and return its rows (asynch's Python values).
+
+        :raises TransientSinkError: may be retried
+        :raises PermanentSinkError: the server refused the query
+        """
+        return await self._run(sql)
+
+    async def aclose(self) -> None:
+        """Close every connection; safe to call twice."""
+        pool, self._pool = self._pool, None
+        self._plan = None
+        if pool is not None:
+            await pool.aclose()
+
+    async def _run(
+        self,
+        sql: str,
+        rows: list[tuple[Any, ...]] | None = None,
+        settings: dict[str, int | str] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """Execute one statement on a pooled connection, within ``insert_timeout``."""
+        started = False
+        try:
+            with anyio.fail_after(self._settings.insert_timeout):
+                async with self._connections().connection() as connection:
+                    cursor = connection.cursor()
+                    if settings:
+                        cursor.set_settings(settings)  # type: ignore[no-untyped-call]
+                    started = True
+                    if rows is not None:
+                        await cursor.execute(sql, rows)
+                        return []
+                    await cursor.execute(sql)
+                    return list(await cursor.fetchall())
+        except Exception as exc:  # cancellation passes through unmapped
+            raise _sink_error(exc, started=started) from exc
+
+    def _connections(self) -> _Connections:
+        if self._pool is None:
+            self._pool = _Connections(self._settings.pool_size, self._options)
+        return self._pool
