@@ -85,7 +85,9 @@ async def raw_insert(url: str, table: str, rows: list[tuple[Any, ...]]) -> float
     async with Connection(dsn=url) as conn, conn.cursor() as cursor:
         started = time.perf_counter()
         for start in range(0, len(rows), 100_000):
-            await cursor.execute(f"INSERT INTO {table} ({COLUMNS}) VALUES", rows[start : start + 100_000])
+            await cursor.execute(
+                f"INSERT INTO {table} ({COLUMNS}) VALUES", rows[start : start + 100_000]
+            )
         return len(rows) / (time.perf_counter() - started)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, NamedTuple
 
 import anyio
+import msgspec
 
 from ._exceptions import AnalyticsBufferError, ConfigError
 from ._schema import Capabilities, events_ddl
@@ -130,8 +131,41 @@ register(
 )
 
 # --- demo -----------------------------------------------------------------
-# The demo subcommand registers itself here the same way:
-# register(Command("demo", "...", _configure_demo, _run_demo)).
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument(
+        "--events", type=int, default=200_000, metavar="N", help="events to track (200000)"
+    )
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="redis://host:port/db for session state (default: memory)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object, no progress")
+
+
+async def _run_demo(args: argparse.Namespace) -> int:
+    from ._demo import format_summary, run_demo
+
+    if args.events < 1:
+        raise ConfigError(f"--events must be at least 1, got {args.events}")
+    overrides = {} if args.redis_url is None else {"redis_url": args.redis_url}
+    settings = settings_from(args, **overrides)
+    summary = await run_demo(settings, args.events, progress=None if args.json else sys.stderr)
+    print(msgspec.json.encode(summary).decode() if args.json else format_summary(summary))
+    return 0 if summary.written + summary.dead_lettered >= summary.accepted else 1
+
+
+register(
+    Command(
+        "demo",
+        "track synthetic traffic through the whole pipeline and count it back",
+        _configure_demo,
+        _run_demo,
+    )
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

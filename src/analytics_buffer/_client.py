@@ -14,9 +14,12 @@ import anyio.lowlevel
 
 from ._buffer import FLUSH, FLUSH_SOON, EventBuffer
 from ._capacity import Capacity
+from ._clock import WallClock
 from ._deadletter import DeadLetters
 from ._event import Event, check_event, decode_event, new_event_id
 from ._exceptions import BufferClosed, BufferFull, InvalidEvent, MailboxFull
+from ._session_actor import SESSION_FLUSH, LastScreenView, SessionActor
+from ._session_store import MemorySessionStore, SessionStore
 from ._settings import Settings
 from ._sink import Sink
 from ._stats import Counters, Stats
@@ -47,6 +50,8 @@ class AnalyticsBuffer:
     :param settings: defaults to ``Settings.from_env()``
     :param sink: where events go; defaults to ClickHouse (``clickhouse_url``)
         or the embedded engine
+    :param session_store: where session state lives; defaults to Redis
+        (``redis_url``) or this process's memory
     :param on_flush: called after each batch with what became of it
     """
 
@@ -55,10 +60,13 @@ class AnalyticsBuffer:
         settings: Settings | None = None,
         *,
         sink: Sink | None = None,
+        session_store: SessionStore | None = None,
         on_flush: Callable[[FlushReport], None] | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
         self._sink = sink
+        self._session_store = session_store
+        self._session_arrivals: list[tuple[Event, int]] = []
         self._on_flush = on_flush
         self._counters = Counters()
         self._capacity = Capacity(
@@ -82,6 +90,10 @@ class AnalyticsBuffer:
 
             self._sink = create_sink(settings)
         sink = self._sink
+        if self._session_store is None:
+            self._session_store = _create_session_store(settings)
+        store = self._session_store
+        wall_clock = WallClock()
         dead_letters = DeadLetters(Path(settings.data_dir) / "dead-letter", settings.table)
         prefix = new_event_id().hex[:16]
         tokens = (f"{prefix}-{seq}" for seq in itertools.count())
@@ -107,6 +119,21 @@ class AnalyticsBuffer:
                 dead_letters=dead_letters,
             )
 
+        def make_sessions() -> SessionActor:
+            assert self._supervisor is not None
+            return SessionActor(
+                settings=settings,
+                store=store,
+                writer=self._supervisor.ref("writer"),
+                event_buffer=self._supervisor.ref("event_buffer"),
+                owner=prefix,
+                counters=self._counters,
+                capacity=self._capacity,
+                dead_letters=dead_letters,
+                wall_clock=wall_clock,
+                arrived=self._session_arrivals,
+            )
+
         self._supervisor = Supervisor(
             [
                 ChildSpec(
@@ -121,6 +148,12 @@ class AnalyticsBuffer:
                     shutdown=settings.shutdown_timeout,
                     mailbox_size=settings.max_buffered_events + _CONTROL_MESSAGES,
                 ),
+                ChildSpec(
+                    "sessions",
+                    make_sessions,
+                    shutdown=settings.shutdown_timeout,
+                    mailbox_size=settings.max_buffered_events + _CONTROL_MESSAGES,
+                ),
             ],
             max_restarts=settings.max_restarts,
             max_seconds=settings.max_seconds,
@@ -131,8 +164,10 @@ class AnalyticsBuffer:
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await sink.aclose()
+                await store.aclose()
             raise
         self._buffer_ref = self._supervisor.ref("event_buffer")
+        self._sessions_ref = self._supervisor.ref("sessions")
         self._running = True
         return self
 
@@ -150,6 +185,8 @@ class AnalyticsBuffer:
         finally:
             with anyio.CancelScope(shield=True):
                 await self._sink.aclose()
+                if self._session_store is not None:
+                    await self._session_store.aclose()
 
     def __del__(self) -> None:
         if self._running:
@@ -217,7 +254,9 @@ class AnalyticsBuffer:
             await capacity.wait_for_room(size)
             self._capacity.take(size)
             try:
-                await self._buffer_ref.send((event, size))
+                await (self._sessions_ref if event.session_id else self._buffer_ref).send(
+                    (event, size)
+                )
             except BaseException:
                 self._capacity.give_back(1, size)
                 raise
@@ -231,7 +270,16 @@ class AnalyticsBuffer:
         It waits as long as the Writer's retries take; bound it with
         ``anyio.move_on_after`` if you need to.
         """
+        # Sessions first: what they settle and pass on reaches the EventBuffer before its flush.
+        await self._sessions_ref.call(SESSION_FLUSH, timeout=None)
         await self._buffer_ref.call(FLUSH, timeout=None)
+
+    async def last_screen_view(self, project_id: str, profile_id: str) -> Event | None:
+        """Return the latest screen_view (by ``created_at``) of a profile, or ``None``."""
+        event: Event | None = await self._sessions_ref.call(
+            LastScreenView(project_id, profile_id), timeout=None
+        )
+        return event
 
     def flush_async(self) -> None:
         """Ask for a flush now and return at once."""
@@ -253,10 +301,14 @@ class AnalyticsBuffer:
         return self._overflow()
 
     def _enqueue(self, event: Event, size: int) -> bool:
-        """Hand the event to the EventBuffer if its mailbox has room."""
+        """Hand the event to its actor if that actor's mailbox has room.
+
+        Events of a session go to the SessionActor (pairing, activity,
+        inheritance); the others straight to the EventBuffer.
+        """
         self._capacity.take(size)
         try:
-            self._buffer_ref.cast((event, size))
+            (self._sessions_ref if event.session_id else self._buffer_ref).cast((event, size))
         except MailboxFull:
             self._capacity.give_back(1, size)
             return False
@@ -276,3 +328,16 @@ class AnalyticsBuffer:
 
     def _count_restart(self, child: str, reason: Exception) -> None:
         self._counters.restarts += 1
+
+
+def _create_session_store(settings: Settings) -> SessionStore:
+    if settings.redis_url is None:
+        return MemorySessionStore(settings.session_shards)
+    from ._redis_sessions import RedisSessionStore
+
+    return RedisSessionStore(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        shards=settings.session_shards,
+        retention=settings.session_retention,
+    )

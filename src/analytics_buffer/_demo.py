@@ -163,7 +163,7 @@ def format_summary(summary: DemoSummary) -> str:
     lines = [
         f"engine          {summary.engine}",
         f"accepted        {summary.accepted}",
-        f"written         {summary.written} (counted back; {summary.distinct_written} distinct ids)",
+        f"written         {summary.written} (counted back, {summary.distinct_written} distinct)",
         f"dropped         {summary.dropped}",
         f"rejected        {summary.rejected}",
         f"dead-lettered   {summary.dead_lettered}",

@@ -7,6 +7,7 @@
     ├── InvalidEvent             (also ValueError)
     ├── BufferFull
     ├── BufferClosed
+    ├── StoreUnavailable         (the session/counter store cannot be reached)
     ├── ActorError
     │   ├── ActorDeadError
     │   ├── CallTimeout          (also TimeoutError)
@@ -35,6 +36,7 @@ __all__ = (
     "PermanentSinkError",
     "RestartIntensityExceeded",
     "SinkError",
+    "StoreUnavailable",
     "TransientSinkError",
 )
 
@@ -66,6 +68,10 @@ class BufferFull(AnalyticsBufferError):
 
 class BufferClosed(AnalyticsBufferError):
     """Raised when an event is tracked on a buffer that is not running."""
+
+
+class StoreUnavailable(AnalyticsBufferError):
+    """Raised when the session or counter store (Redis) cannot be reached; safe to retry."""
 
 
 class ActorError(AnalyticsBufferError):

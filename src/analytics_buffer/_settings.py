@@ -73,6 +73,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retry_max_backoff: float = 5.0
     """Longest backoff between attempts."""
 
+    redis_url: str | None = None
+    """``redis://host:port/db`` for session state shared by many instances;
+    ``None`` keeps it in this process's memory."""
+    redis_prefix: str = "ab"
+    """Prefix of every Redis key (inside the hash tag)."""
+    session_timeout: float = 1800.0
+    """A session with no new event for this long is ended."""
+    session_interval: float = 1.0
+    """How often sessions are settled (paired, ended) and written."""
+    session_lease: float = 30.0
+    """How long a claim on a shard of sessions lasts before another
+    instance may take it over (when its holder died)."""
+    session_shards: int = 16
+    """Sessions are spread over this many shards, each claimed as a unit."""
+    session_retention: float = 86_400.0
+    """Ended sessions (and their Redis keys) are kept this long, so late
+    events are recognised; then they are cleaned up."""
+
     max_restarts: int = 3
     """A child may crash this often within ``max_seconds`` before the supervisor gives up."""
     max_seconds: float = 5.0
@@ -88,6 +106,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "insert_chunk_rows",
             "pool_size",
             "retry_attempts",
+            "session_shards",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -98,6 +117,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "connect_timeout",
             "insert_timeout",
             "max_seconds",
+            "session_timeout",
+            "session_interval",
+            "session_lease",
+            "session_retention",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

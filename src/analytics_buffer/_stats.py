@@ -11,7 +11,9 @@ class Stats(NamedTuple):
     """A snapshot of a buffer's counters since it started.
 
     Every accepted event ends up counted in exactly one of ``written`` or
-    ``dead_lettered``, or is still ``buffered``.
+    ``dead_lettered``, or is still ``buffered`` (session events count as
+    buffered until the session store holds them; ``written`` also counts the
+    session_end events made for idle sessions).
     """
 
     accepted: int
@@ -34,6 +36,16 @@ class Stats(NamedTuple):
     """Events accepted and not yet written or dead-lettered."""
     buffered_bytes: int
     """Their estimated size."""
+    sessions_ended: int
+    """Sessions ended (by a session_end event or by idleness) by this instance."""
+    session_screen_views: int
+    """Screen views this instance wrote with their duration."""
+    sessions_waiting: int
+    """Events with a session_id not yet handed to the session store."""
+    sessions_degraded: bool
+    """Whether the session store is unreachable (events wait in memory)."""
+    stale_sessions_removed: int
+    """Ended sessions forgotten after ``session_retention``."""
 
 
 @final
@@ -50,6 +62,11 @@ class Counters:
         "rejected",
         "restarts",
         "retries",
+        "session_screen_views",
+        "sessions_degraded",
+        "sessions_ended",
+        "sessions_waiting",
+        "stale_sessions_removed",
         "written",
     )
 
@@ -64,6 +81,11 @@ class Counters:
         self.restarts = 0
         self.buffered = 0
         self.buffered_bytes = 0
+        self.sessions_ended = 0
+        self.session_screen_views = 0
+        self.sessions_waiting = 0
+        self.sessions_degraded = False
+        self.stale_sessions_removed = 0
 
     def snapshot(self) -> Stats:
         """Return the counters as an immutable :class:`Stats`."""
@@ -78,4 +100,9 @@ class Counters:
             restarts=self.restarts,
             buffered=self.buffered,
             buffered_bytes=self.buffered_bytes,
+            sessions_ended=self.sessions_ended,
+            session_screen_views=self.session_screen_views,
+            sessions_waiting=self.sessions_waiting,
+            sessions_degraded=self.sessions_degraded,
+            stale_sessions_removed=self.stale_sessions_removed,
         )

@@ -54,14 +54,39 @@ log = logging.getLogger("analytics_buffer.writer")
 
 @final
 class Batch:
-    """Events flushed together, with the identity they keep across retries."""
+    """Events flushed together, with the identity they keep across retries.
 
-    __slots__ = ("events", "nbytes", "token")
+    ``held`` events and ``nbytes`` bytes of the buffer's bound are released
+    once the batch is written; events read back from a session store hold
+    none (the store released them when it took them).
+    """
 
-    def __init__(self, token: str, events: list[Event], nbytes: int) -> None:
+    __slots__ = ("events", "held", "nbytes", "released", "released_bytes", "token")
+
+    def __init__(
+        self, token: str, events: list[Event], nbytes: int, held: int | None = None
+    ) -> None:
         self.token = token
         self.events = events
         self.nbytes = nbytes
+        self.held = len(events) if held is None else held
+        self.released = 0
+        self.released_bytes = 0
+
+    def release(self, count: int) -> tuple[int, int]:
+        """Mark ``count`` more events done; return the events and bytes to give back.
+
+        Bytes are shared out in proportion (sizes are estimates anyway); the
+        last release returns whatever is left, so the sums come out exact.
+        """
+        events = min(count, self.held - self.released)
+        self.released += events
+        if self.released == self.held:
+            nbytes = self.nbytes - self.released_bytes
+        else:
+            nbytes = self.nbytes * events // max(self.held, 1)
+        self.released_bytes += nbytes
+        return events, nbytes
 
 
 @final
@@ -171,8 +196,9 @@ class Writer(Actor):
                     self._counters.written += len(chunk)
                     written += len(chunk)
                 self._next_chunk = index + 1
+                # Counted as written or dead-lettered: no longer buffered.
+                self._capacity.give_back(*batch.release(len(chunk)))
                 await anyio.lowlevel.checkpoint()
-            self._capacity.give_back(len(events), batch.nbytes)
         self._current = None
         if item.reply is not None:
             item.reply.send(None)
@@ -203,7 +229,7 @@ class Writer(Actor):
                 log.error("dead-lettering %d events (%s): %s", len(rest), batch.token, reason)
                 self._dead_letters.write_now(rest, reason=reason, code=0, token=batch.token)
                 self._counters.dead_lettered += len(rest)
-            self._capacity.give_back(len(batch.events), batch.nbytes)
+            self._capacity.give_back(*batch.release(len(batch.events)))
         if item.reply is not None:
             item.reply.send(None)
 

@@ -1,0 +1,265 @@
+"""The SessionActor: pairs screen views through a session store.
+
+Every accepted event that carries a ``session_id`` comes here as an
+``(event, size)`` cast. Once per ``session_interval`` (and on ``flush()``)
+the actor runs one *cycle*:
+
+1. hand the events that arrived to the store in one call (their activity
+   counts for idleness; screen_view and session_end become pending) and
+   release their room in the buffer's bound;
+2. give regular events their inherited path and origin, and pass them on to
+   the EventBuffer;
+3. claim the shards that have work, settle their sessions
+   (:func:`~analytics_buffer._sessions.settle`), have the Writer store what
+   that produced, and only then complete the claim, which removes the
+   written events from the store.
+
+While the store is unreachable, events wait here (bounded by the buffer's
+bound, since their room is not released) and ``stats().sessions_degraded``
+is true; nothing accepted is lost.
+
+On shutdown the arrived events go to the store; with a shared (Redis) store
+pending state stays there for the next start, while with the in-memory store
+pending screen_views are written with the duration known so far.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar, final
+
+from ._actor import Actor, ActorRef, Reply, Timer
+from ._capacity import Capacity
+from ._deadletter import DeadLetters
+from ._event import Event
+from ._exceptions import MailboxFull, StoreUnavailable
+from ._session_store import Claim, MemorySessionStore, SessionOutcome, SessionStore
+from ._sessions import inherit, is_session_event, settle
+from ._settings import Settings
+from ._stats import Counters
+from ._writer import Batch, WriteBatch
+
+__all__ = ("SESSION_FLUSH", "LastScreenView", "SessionActor")
+
+log = logging.getLogger("analytics_buffer.sessions")
+
+T = TypeVar("T")
+
+_CLEANUP_EVERY: Final = 60
+"""Cycles between two clean-ups of stale sessions."""
+
+
+@final
+class _SessionFlush:
+    def __repr__(self) -> str:
+        return "SESSION_FLUSH"
+
+
+SESSION_FLUSH: Final = _SessionFlush()
+"""Call: run a cycle now, reply once its writes are stored."""
+
+
+@final
+class LastScreenView:
+    """Call: the latest screen_view of a profile, or ``None``."""
+
+    __slots__ = ("profile_id", "project_id")
+
+    def __init__(self, project_id: str, profile_id: str) -> None:
+        self.project_id = project_id
+        self.profile_id = profile_id
+
+
+@final
+class _Cycle:
+    """The timer's message."""
+
+
+_CYCLE: Final = _Cycle()
+
+
+@final
+class SessionActor(Actor):
+    """Feeds the session store and writes what settled sessions produce."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        store: SessionStore,
+        writer: ActorRef,
+        event_buffer: ActorRef,
+        owner: str,
+        counters: Counters,
+        capacity: Capacity,
+        dead_letters: DeadLetters,
+        wall_clock: Callable[[], float],
+        arrived: list[tuple[Event, int]],
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._writer = writer
+        self._event_buffer = event_buffer
+        self._owner = owner
+        self._counters = counters
+        self._capacity = capacity
+        self._dead_letters = dead_letters
+        self._wall_clock = wall_clock
+        # Owned by the client, so events that arrived survive a restart of this actor.
+        self._arrived = arrived
+        self._timer: Timer | None = None
+        self._cycles = 0
+
+    async def init(self) -> None:
+        self._timer = self.send_after(self._settings.session_interval, _CYCLE)
+
+    async def handle_casts(self, messages: list[object]) -> None:
+        for message in messages:
+            if type(message) is tuple:
+                self._arrived.append(message)
+                self._counters.sessions_waiting += 1
+            else:
+                log.warning("session actor: dropped unknown cast %r", message)
+
+    async def handle_info(self, message: object) -> None:
+        if message is _CYCLE:
+            try:
+                await self._cycle()
+            finally:
+                self._timer = self.send_after(self._settings.session_interval, _CYCLE)
+
+    async def handle_call(self, message: object, reply: Reply[Any]) -> None:
+        if message is SESSION_FLUSH:
+            await self._cycle()
+            reply.send(None)
+        elif isinstance(message, LastScreenView):
+            await self._take_arrived()
+            reply.send(await self._store.last_screen_view(message.project_id, message.profile_id))
+        else:
+            await super().handle_call(message, reply)
+
+    async def terminate(self, reason: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        try:
+            await self._take_arrived()
+            if isinstance(self._store, MemorySessionStore):
+                # Its state dies with the process: write what is pending now.
+                await self._settle(self._store.claim_everything(), drain=True)
+        finally:
+            if self._arrived and reason is None:
+                self._dead_letter_arrived("the session store could not take them at shutdown")
+
+    async def _cycle(self) -> None:
+        await self._take_arrived()
+        if self._counters.sessions_degraded:
+            return
+        await self._settle_claims()
+        self._cycles += 1
+        if self._cycles % _CLEANUP_EVERY == 0:
+            _, removed = await self._guard(
+                self._store.cleanup(self._wall_clock(), self._settings.session_retention)
+            )
+            self._counters.stale_sessions_removed += removed or 0
+
+    async def _take_arrived(self) -> None:
+        """Hand the arrived events to the store and pass regular ones on."""
+        if not self._arrived:
+            return
+        arrived = list(self._arrived)
+        events = [event for event, _ in arrived]
+        added, _ = await self._guard(self._store.add(events, self._wall_clock()))
+        if not added:
+            return
+        del self._arrived[: len(arrived)]
+        self._counters.sessions_waiting -= len(arrived)
+        regular = [(event, size) for event, size in arrived if not is_session_event(event)]
+        kept = len(arrived) - len(regular)
+        self._capacity.give_back(
+            kept, sum(size for event, size in arrived if is_session_event(event))
+        )
+        if regular:
+            await self._pass_on(regular)
+
+    async def _pass_on(self, regular: list[tuple[Event, int]]) -> None:
+        needs_history = sorted(
+            {(e.project_id, e.session_id) for e, _ in regular if not e.path and not e.origin}
+        )
+        histories = None
+        if needs_history:
+            # Without the store, events pass on uninherited rather than wait.
+            _, histories = await self._guard(self._store.history(needs_history))
+        for event, size in regular:
+            if histories:
+                event = inherit(event, histories.get((event.project_id, event.session_id), []))
+            try:
+                self._event_buffer.cast((event, size))
+            except MailboxFull:
+                await self._event_buffer.send((event, size))
+
+    async def _settle_claims(self) -> None:
+        settings = self._settings
+        _, claims = await self._guard(
+            self._store.claim(
+                self._owner,
+                self._wall_clock(),
+                timeout=settings.session_timeout,
+                lease=settings.session_lease,
+                limit=settings.session_shards,
+            )
+        )
+        for claim in claims or []:
+            await self._settle(claim, drain=False)
+
+    async def _settle(self, claim: Claim, *, drain: bool) -> None:
+        write: list[Event] = []
+        outcomes: list[SessionOutcome] = []
+        for work in claim.sessions:
+            settled = settle(work.pending, work.state, end=work.idle, drain=drain)
+            write += settled.write
+            still = {str(event.id) for event in settled.pending}
+            written = [str(event.id) for event in work.pending if str(event.id) not in still]
+            outcomes.append(SessionOutcome(key=work.key, state=work.state, written=written))
+            self._counters.sessions_ended += settled.ended
+            self._counters.session_screen_views += sum(
+                1 for event in settled.write if event.name == "screen_view"
+            )
+        if write:
+            done: Reply[None] = Reply()
+            await self._writer.send(WriteBatch(Batch(_token(claim, write), write, 0, held=0), done))
+            await done.wait()
+        reached, completed = await self._guard(self._store.complete(claim, outcomes))
+        if reached and not completed:
+            log.warning("claim on shard %d expired before it completed", claim.shard)
+
+    async def _guard(self, operation: Awaitable[T]) -> tuple[bool, T | None]:
+        """Await a store operation; on StoreUnavailable note the degraded state."""
+        try:
+            result = await operation
+        except StoreUnavailable as exc:
+            if not self._counters.sessions_degraded:
+                log.warning("session store unavailable (%s); events wait in memory", exc)
+            self._counters.sessions_degraded = True
+            return False, None
+        if self._counters.sessions_degraded:
+            log.warning("session store is back")
+            self._counters.sessions_degraded = False
+        return True, result
+
+    def _dead_letter_arrived(self, reason: str) -> None:
+        events = [event for event, _ in self._arrived]
+        self._dead_letters.write_now(events, reason=reason, code=0, token=f"{self._owner}-sessions")
+        self._counters.dead_lettered += len(events)
+        self._counters.sessions_waiting -= len(events)
+        self._capacity.give_back(len(events), sum(size for _, size in self._arrived))
+        self._arrived.clear()
+
+
+def _token(claim: Claim, events: list[Event]) -> str:
+    """Same sessions settled from the same pending events give the same token."""
+    digest = hashlib.blake2b(digest_size=12)
+    for event_id in sorted(str(event.id) for event in events):
+        digest.update(event_id.encode())
+    return f"s{claim.shard}-{digest.hexdigest()}"
