@@ -7,7 +7,9 @@ throwaway ``clickhouse-server`` unless ``--clickhouse-url`` is given):
   each, into the same table: the ceiling for the pipeline.
 * ``pipeline_events_per_s``: prebuilt events through ``put`` -> EventBuffer
   -> Writer -> ClickHouse at default settings, timed from the first event
-  to the end of ``flush()``, and counted back from ClickHouse.
+  to the end of ``flush()``, and counted back from ClickHouse. The events
+  carry no session_id: the session path has its own benchmark
+  (``benchmarks/sessions.py``).
 * ``per_event_insert_rows_per_s``: one INSERT per event, what a service
   without a buffer does.
 * ``track_median_us`` / ``track_p99_us``: the cost of one ``track`` call, each
@@ -50,7 +52,6 @@ def make_events(count: int, project: str) -> list[Event]:
             name=("screen_view", "click", "signup")[i % 3],
             project_id=project,
             profile_id=f"u{i % 5000}",
-            session_id=f"s{i % 9000}",
             created_at=start + timedelta(milliseconds=i),
             path="/docs/start",
             origin="https://example.com",
@@ -132,7 +133,7 @@ async def pipeline(settings: Settings, events: list[Event]) -> tuple[float, floa
                 await anyio.lowlevel.checkpoint()
             await buffer.flush()
             seconds = time.perf_counter() - started
-            written = buffer.stats().written
+        written = buffer.stats().written
         tg.cancel_scope.cancel()
     return len(events) / seconds, lag.worst * 1000, written
 

@@ -23,6 +23,7 @@ from ._exceptions import MailboxFull as MailboxFull
 from ._exceptions import PermanentSinkError as PermanentSinkError
 from ._exceptions import RestartIntensityExceeded as RestartIntensityExceeded
 from ._exceptions import SinkError as SinkError
+from ._exceptions import StoreUnavailable as StoreUnavailable
 from ._exceptions import TransientSinkError as TransientSinkError
 from ._mailbox import Mailbox as Mailbox
 from ._mailbox import MailboxStatistics as MailboxStatistics
@@ -64,6 +65,7 @@ __all__ = (
     "Sink",
     "SinkError",
     "Stats",
+    "StoreUnavailable",
     "Supervisor",
     "Timer",
     "TransientSinkError",

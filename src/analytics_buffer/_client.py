@@ -246,7 +246,6 @@ class AnalyticsBuffer:
         except InvalidEvent:
             self._counters.rejected += 1
             raise
-        await anyio.lowlevel.checkpoint_if_cancelled()
         capacity = self._capacity
         if capacity.fits(size) and self._enqueue(event, size):
             return

@@ -103,7 +103,7 @@ _TEXT_FIELDS: Final = ("profile_id", "session_id", "path", "origin", "referrer")
 _PROPERTY_TYPES: Final = (str, int, float, bool)
 _decoder: Final = msgspec.json.Decoder(Event)
 _encoder: Final = msgspec.json.Encoder()
-_PATH_IN_MESSAGE: Final = re.compile(r" - at `\$\.([A-Za-z_]+)")
+_PATH_IN_MESSAGE: Final = re.compile(r" - at `\$\.([A-Za-z_]+)|missing required field `(\w+)`")
 
 
 def check_event(event: object, max_event_bytes: int) -> tuple[Event, int]:
@@ -175,8 +175,8 @@ def check_event(event: object, max_event_bytes: int) -> tuple[Event, int]:
             raise InvalidEvent(
                 f"properties.{key}", f"must be str, int, float or bool, got {kind.__name__}"
             )
-    if size * 4 > max_event_bytes:
-        # Non-ASCII text can take up to four bytes a character: measure exactly.
+    if size * 6 > max_event_bytes:
+        # A character can take up to six bytes of JSON (\u0001): measure exactly.
         size = len(_encoder.encode(event))
         if size > max_event_bytes:
             raise InvalidEvent("event", f"encodes to {size} bytes, over max_event_bytes")
@@ -208,7 +208,7 @@ def decode_event(
         event = _decoder.decode(raw)
     except msgspec.ValidationError as exc:
         found = _PATH_IN_MESSAGE.search(str(exc))
-        field = found.group(1) if found else "event"
+        field = (found.group(1) or found.group(2)) if found else "event"
         raise InvalidEvent(field, str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise InvalidEvent("event", f"not valid JSON: {exc}") from exc

@@ -23,6 +23,8 @@ unwrapped: the adapter maps them onto this tree with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = (
     "ActorDeadError",
     "ActorError",
@@ -60,6 +62,9 @@ class InvalidEvent(AnalyticsBufferError, ValueError):
         super().__init__(f"invalid event: {field}: {problem}")
         self.field = field
         self.problem = problem
+
+    def __reduce__(self) -> tuple[type[InvalidEvent], tuple[str, str]]:
+        return (InvalidEvent, (self.field, self.problem))
 
 
 class BufferFull(AnalyticsBufferError):
@@ -110,6 +115,12 @@ class TransientSinkError(SinkError):
         super().__init__(message)
         self.possibly_persisted = possibly_persisted
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (TransientSinkError, str(self), {"possibly_persisted": self.possibly_persisted}),
+        )
+
 
 class PermanentSinkError(SinkError):
     """Raised when the server refused a chunk for a reason a retry cannot fix.
@@ -120,3 +131,10 @@ class PermanentSinkError(SinkError):
     def __init__(self, message: str, *, code: int = 0) -> None:
         super().__init__(message)
         self.code = code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (PermanentSinkError, str(self), {"code": self.code}))
+
+
+def _rebuild(cls: type[SinkError], message: str, keywords: dict[str, Any]) -> SinkError:
+    return cls(message, **keywords)

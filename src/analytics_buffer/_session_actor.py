@@ -48,6 +48,8 @@ log = logging.getLogger("analytics_buffer.sessions")
 T = TypeVar("T")
 
 _CLEANUP_EVERY: Final = 60
+_SLICE: Final = 2000
+"""Events handed to the store per call: one round trip each, a checkpoint between."""
 """Cycles between two clean-ups of stale sessions."""
 
 
@@ -165,23 +167,22 @@ class SessionActor(Actor):
             self._counters.stale_sessions_removed += removed or 0
 
     async def _take_arrived(self) -> None:
-        """Hand the arrived events to the store and pass regular ones on."""
-        if not self._arrived:
-            return
-        arrived = list(self._arrived)
-        events = [event for event, _ in arrived]
-        added, _ = await self._guard(self._store.add(events, self._wall_clock()))
-        if not added:
-            return
-        del self._arrived[: len(arrived)]
-        self._counters.sessions_waiting -= len(arrived)
-        regular = [(event, size) for event, size in arrived if not is_session_event(event)]
-        kept = len(arrived) - len(regular)
-        self._capacity.give_back(
-            kept, sum(size for event, size in arrived if is_session_event(event))
-        )
-        if regular:
-            await self._pass_on(regular)
+        """Hand the arrived events to the store, a slice at a time, and pass regular ones on."""
+        while self._arrived:
+            arrived = self._arrived[:_SLICE]
+            events = [event for event, _ in arrived]
+            added, _ = await self._guard(self._store.add(events, self._wall_clock()))
+            if not added:
+                return
+            del self._arrived[: len(arrived)]
+            self._counters.sessions_waiting -= len(arrived)
+            regular = [(event, size) for event, size in arrived if not is_session_event(event)]
+            kept_bytes = sum(size for event, size in arrived if is_session_event(event))
+            self._capacity.give_back(len(arrived) - len(regular), kept_bytes)
+            if regular:
+                await self._pass_on(regular)
+            # Big bursts must not stall the event loop.
+            await anyio.lowlevel.checkpoint()
 
     async def _pass_on(self, regular: list[tuple[Event, int]]) -> None:
         needs_history = sorted(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
@@ -13,6 +14,7 @@ from ._exceptions import ConfigError
 __all__ = ("ENV_PREFIX", "Overflow", "Settings")
 
 ENV_PREFIX: Final = "ANALYTICS_BUFFER_"
+_FIELD_IN_MESSAGE: Final = re.compile(r"`\$\.(\w+)`|^(\w+):")
 
 Overflow = Literal["drop_newest", "block", "raise"]
 
@@ -97,6 +99,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """The sliding window of ``max_restarts``."""
 
     def __post_init__(self) -> None:
+        for field in msgspec.structs.fields(self):
+            try:
+                msgspec.convert(getattr(self, field.name), field.type)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"{field.name}: {exc}") from None
         for name in (
             "max_batch_events",
             "max_batch_bytes",
@@ -156,7 +163,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         try:
             return msgspec.convert(values, cls, strict=False)
         except msgspec.ValidationError as exc:
-            raise ConfigError(f"{ENV_PREFIX}*: {exc}") from exc
+            found = _FIELD_IN_MESSAGE.search(str(exc))
+            name = (found.group(1) or found.group(2)) if found else "*"
+            source = f"{ENV_PREFIX}{name.upper()}"
+            raise ConfigError(f"{source}: {exc}") from exc
 
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with ``changes`` applied (and validated)."""

@@ -140,10 +140,11 @@ class Supervisor:
                 reason = await run_actor(
                     spec.factory(), child.ref, shutdown=spec.shutdown, task_status=task_status
                 )
-                while reason is not None and spec.restart != "temporary" and not child.stopping:
+                # Also while stopping: the stop request still waits behind the backlog.
+                while reason is not None and spec.restart != "temporary":
                     self._count_restart(child, reason)
                     reason = await self._restart(child)
-                if reason is not None and not child.stopping:
+                if reason is not None:
                     log.error("%s crashed and is temporary: not restarted", spec.id)
         except RestartIntensityExceeded:
             others = [c for c in self._children if c is not child]

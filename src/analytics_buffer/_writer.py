@@ -1,8 +1,9 @@
 """The Writer actor: inserts batches into the sink, retries, dead-letters.
 
-Batches are written one at a time, in the order they arrive, in chunks of
-``insert_chunk_rows`` rows with a checkpoint between chunks (so the event
-loop never stalls for a whole batch). A chunk's token is
+Batches are written one at a time, in the order they arrive, each in chunks
+of ``insert_chunk_rows`` rows, up to ``pool_size`` chunks at once: while one
+INSERT waits for the server the next is serialised, and the event loop
+never stalls for more than one chunk. A chunk's token is
 ``<batch token>:<chunk index>``: the same chunk carries the same token on
 every attempt, which is what lets a server deduplicate a retried insert.
 
@@ -61,7 +62,17 @@ class Batch:
     none (the store released them when it took them).
     """
 
-    __slots__ = ("events", "held", "nbytes", "released", "released_bytes", "token")
+    __slots__ = (
+        "dead_lettered",
+        "done",
+        "events",
+        "held",
+        "nbytes",
+        "released",
+        "released_bytes",
+        "token",
+        "written",
+    )
 
     def __init__(
         self, token: str, events: list[Event], nbytes: int, held: int | None = None
@@ -72,6 +83,18 @@ class Batch:
         self.held = len(events) if held is None else held
         self.released = 0
         self.released_bytes = 0
+        self.done: set[int] = set()
+        """Indices of the chunks written or dead-lettered."""
+        self.written = 0
+        self.dead_lettered = 0
+
+    def chunk_count(self, rows: int) -> int:
+        """How many chunks of ``rows`` the batch splits into (the same on every attempt)."""
+        return (len(self.events) + rows - 1) // rows
+
+    def chunk(self, index: int, rows: int) -> list[Event]:
+        """The events of chunk ``index``."""
+        return self.events[index * rows : (index + 1) * rows]
 
     def release(self, count: int) -> tuple[int, int]:
         """Mark ``count`` more events done; return the events and bytes to give back.
@@ -129,7 +152,7 @@ class Writer(Actor):
         self._dead_letters = dead_letters
         self._on_flush = on_flush
         self._current: WriteBatch | None = None
-        self._next_chunk = 0
+        self._slots = anyio.Semaphore(settings.pool_size)
         self._retrying = AsyncRetrying(
             stop=stop_after_attempt(settings.retry_attempts),
             wait=wait_exponential(
@@ -150,66 +173,75 @@ class Writer(Actor):
             log.warning("ClickHouse is unreachable at start (%s); will retry when writing", exc)
 
     async def handle_casts(self, messages: list[object]) -> None:
-        for message in messages:
-            if isinstance(message, WriteBatch):
-                self._current, self._next_chunk = message, 0
-                await self._write(message)
-            else:
+        for index, message in enumerate(messages):
+            if not isinstance(message, WriteBatch):
                 log.warning("writer: dropped unknown cast %r", message)
+                continue
+            self._current = message
+            try:
+                await self._write(message)
+            except BaseException:
+                # This batch is terminate's to settle; the ones behind it wait for the restart.
+                self.ref.mailbox.carry_over(messages[index + 1 :])
+                raise
 
     async def terminate(self, reason: BaseException | None) -> None:
-        held: list[tuple[WriteBatch, int]] = []
-        if self._current is not None:
-            held.append((self._current, self._next_chunk))
-            self._current = None
+        held = [self._current] if self._current is not None else []
+        self._current = None
         if reason is None:
             # Stopped: anything still queued means the shutdown deadline passed.
             queued = fail_pending_calls(
                 self.ref.mailbox.drain_nowait(), ActorDeadError("writer stopped")
             )
-            held += [(item, 0) for item in queued if isinstance(item, WriteBatch)]
+            held += [item for item in queued if isinstance(item, WriteBatch)]
             why = "shutdown_timeout passed before ClickHouse took them"
         else:
             why = f"writer crashed while writing them: {reason!r}"
-        for item, first_chunk in held:
-            self._abandon(item, first_chunk, why)
+        for item in held:
+            self._abandon(item, why)
 
     async def _write(self, item: WriteBatch) -> None:
+        """Write a batch's chunks, up to ``pool_size`` at once, then answer its reply."""
         batch = item.batch
         if batch is not None:
-            written = dead = 0
-            rows = self._settings.insert_chunk_rows
-            events = batch.events
-            for index in range((len(events) + rows - 1) // rows):
-                chunk = events[index * rows : (index + 1) * rows]
-                token = f"{batch.token}:{index}"
-                try:
-                    await self._insert(chunk, token)
-                except PermanentSinkError as exc:
-                    await self._dead_letter(chunk, str(exc), exc.code, token)
-                    dead += len(chunk)
-                except TransientSinkError as exc:
-                    reason = f"retries exhausted ({self._settings.retry_attempts}): {exc}"
-                    await self._dead_letter(chunk, reason, 0, token)
-                    dead += len(chunk)
-                else:
-                    self._counters.written += len(chunk)
-                    written += len(chunk)
-                self._next_chunk = index + 1
-                # Counted as written or dead-lettered: no longer buffered.
-                self._capacity.give_back(*batch.release(len(chunk)))
-                await anyio.lowlevel.checkpoint()
+            async with anyio.create_task_group() as chunks:
+                for index in range(batch.chunk_count(self._settings.insert_chunk_rows)):
+                    await self._slots.acquire()
+                    chunks.start_soon(self._write_chunk, batch, index)
         self._current = None
         if item.reply is not None:
             item.reply.send(None)
         if batch is not None and self._on_flush is not None:
             try:
-                self._on_flush(FlushReport(batch.token, written, dead))
+                self._on_flush(FlushReport(batch.token, batch.written, batch.dead_lettered))
             except Exception:
                 log.exception("on_flush hook failed")
 
+    async def _write_chunk(self, batch: Batch, index: int) -> None:
+        try:
+            chunk = batch.chunk(index, self._settings.insert_chunk_rows)
+            token = f"{batch.token}:{index}"
+            try:
+                await self._insert(chunk, token)
+            except PermanentSinkError as exc:
+                await self._dead_letter(chunk, str(exc), exc.code, token)
+                batch.dead_lettered += len(chunk)
+            except TransientSinkError as exc:
+                reason = f"retries exhausted ({self._settings.retry_attempts}): {exc}"
+                await self._dead_letter(chunk, reason, 0, token)
+                batch.dead_lettered += len(chunk)
+            else:
+                self._counters.written += len(chunk)
+                batch.written += len(chunk)
+            batch.done.add(index)
+            # Counted as written or dead-lettered: no longer buffered.
+            self._capacity.give_back(*batch.release(len(chunk)))
+        finally:
+            self._slots.release()
+
     async def _insert(self, chunk: Sequence[Event], token: str) -> None:
-        async for attempt in self._retrying:
+        # A copy per chunk: concurrent chunks must not share one retry state.
+        async for attempt in self._retrying.copy():
             with attempt:
                 await self._sink.insert(chunk, token)
 
@@ -220,11 +252,17 @@ class Writer(Actor):
         await self._dead_letters.write(chunk, reason=reason, code=code, token=token)
         self._counters.dead_lettered += len(chunk)
 
-    def _abandon(self, item: WriteBatch, first_chunk: int, reason: str) -> None:
+    def _abandon(self, item: WriteBatch, reason: str) -> None:
         """Dead-letter what ``item`` has left unwritten, synchronously, and answer it."""
         batch = item.batch
         if batch is not None:
-            rest = batch.events[first_chunk * self._settings.insert_chunk_rows :]
+            rows = self._settings.insert_chunk_rows
+            rest = [
+                event
+                for index in range(batch.chunk_count(rows))
+                if index not in batch.done
+                for event in batch.chunk(index, rows)
+            ]
             if rest:
                 log.error("dead-lettering %d events (%s): %s", len(rest), batch.token, reason)
                 self._dead_letters.write_now(rest, reason=reason, code=0, token=batch.token)
