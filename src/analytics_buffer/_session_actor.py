@@ -30,6 +30,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar, final
 
+import anyio.lowlevel
+
 from ._actor import Actor, ActorRef, Reply, Timer
 from ._capacity import Capacity
 from ._deadletter import DeadLetters
