@@ -2,7 +2,8 @@
 
 Events are spread over many projects, profiles and sessions with a
 realistic mix of names (mostly screen views and clicks, a few signups and
-purchases), paths, referrers and properties. Each run tags its project ids
+purchases), paths, referrers and properties; sessions end with a
+session_end, so screen views get their durations. Each run tags its project ids
 with a run id, so counting back reads only this run's rows, as ClickHouse
 reports them, not as the pipeline believes.
 """
@@ -51,32 +52,72 @@ class DemoSummary(msgspec.Struct, frozen=True, kw_only=True):
     retries: int
     seconds: float
     events_per_s: float
+    sessions_ended: int
+    """session_end rows in ClickHouse."""
+    screen_views_with_duration: int
+    """screen_view rows in ClickHouse with a duration above 0."""
 
 
 def synthetic_events(count: int, run_id: str, *, seed: int = 7) -> Iterator[Event]:
-    """Yield ``count`` events of a plausible mix over 50 projects and 20k profiles."""
+    """Yield ``count`` events of a plausible mix: 2,000 sessions open at a time.
+
+    Visitors of 50 projects (20k profiles) view pages, click and scroll; a few
+    sign up or buy; each session closes with a session_end after a few dozen
+    events, and every session still open at the end is closed too, so nothing
+    is left pending.
+    """
     rng = random.Random(seed)
     names = [name for name, _ in _NAMES]
     weights = [weight for _, weight in _NAMES]
-    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
-    for index in range(count):
-        project = f"demo-{run_id}-p{rng.randrange(50)}"
-        profile = f"u{rng.randrange(20_000)}"
-        name = rng.choices(names, weights)[0]
-        path = rng.choice(_PATHS)
-        yield Event(
+    clock = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    open_sessions = [_new_session(rng, run_id, n) for n in range(max(1, min(2000, count // 20)))]
+    started = len(open_sessions)
+    for produced in range(count):
+        clock += timedelta(milliseconds=rng.randrange(1, 4))
+        if count - produced <= len(open_sessions):
+            # Only room left to close every open session.
+            yield open_sessions.pop().event("session_end", clock, "")
+            continue
+        slot = rng.randrange(len(open_sessions))
+        session = open_sessions[slot]
+        if session.remaining == 0:
+            yield session.event("session_end", clock, "")
+            open_sessions[slot] = _new_session(rng, run_id, started)
+            started += 1
+        else:
+            name = rng.choices(names, weights)[0]
+            yield session.event(name, clock, rng.choice(_PATHS) if name == "screen_view" else "")
+            session.remaining -= 1
+
+
+class _Visit:
+    """One simulated session."""
+
+    def __init__(self, project: str, profile: str, session: str, length: int) -> None:
+        self.project, self.profile, self.session = project, profile, session
+        self.remaining = length
+        self.referrer = ""
+
+    def event(self, name: str, created_at: datetime, path: str) -> Event:
+        return Event(
             name=name,
-            project_id=project,
-            profile_id=profile,
-            session_id=f"{profile}-s{rng.randrange(3)}",
-            created_at=start + timedelta(milliseconds=index * 3 + rng.randrange(3)),
+            project_id=self.project,
+            profile_id=self.profile,
+            session_id=self.session,
+            created_at=created_at,
             path=path,
-            origin="https://example.com",
-            referrer=rng.choice(_REFERRERS),
-            properties={"plan": rng.choice(("free", "pro")), "value": rng.randrange(100)}
-            if name in ("purchase", "add_to_cart")
-            else {},
+            origin="https://example.com" if path else "",
+            referrer=self.referrer if name == "screen_view" else "",
+            properties={"plan": "pro", "value": 42} if name in ("purchase", "add_to_cart") else {},
         )
+
+
+def _new_session(rng: random.Random, run_id: str, number: int) -> _Visit:
+    profile = f"u{rng.randrange(20_000)}"
+    visit = _Visit(f"demo-{run_id}-p{rng.randrange(50)}", profile, f"{profile}-{number}", 0)
+    visit.remaining = rng.randrange(5, 60)
+    visit.referrer = rng.choice(_REFERRERS)
+    return visit
 
 
 class _Progress:
@@ -127,7 +168,7 @@ async def run_demo(
         if bar is not None:
             bar.update(events, stats.written)
             bar.close()
-    written, distinct = await _count_back(settings, run_id)
+    written, distinct, ended, with_duration = await _count_back(settings, run_id)
     return DemoSummary(
         engine="clickhouse" if settings.clickhouse_url else "embedded (chdb)",
         accepted=stats.accepted,
@@ -140,22 +181,27 @@ async def run_demo(
         retries=stats.retries,
         seconds=round(seconds, 3),
         events_per_s=round(stats.accepted / seconds, 1) if seconds > 0 else 0.0,
+        sessions_ended=ended,
+        screen_views_with_duration=with_duration,
     )
 
 
-async def _count_back(settings: Settings, run_id: str) -> tuple[int, int]:
+async def _count_back(settings: Settings, run_id: str) -> tuple[int, int, int, int]:
     from ._engines import create_sink
 
     sink = create_sink(settings)
     await sink.open()
     try:
         rows = await sink.query(
-            f"SELECT count(), uniqExact(id) FROM {settings.table} "
+            "SELECT count(), uniqExact(id), countIf(name = 'session_end'), "
+            "countIf(name = 'screen_view' AND duration > 0) "
+            f"FROM {settings.table} "
             f"WHERE startsWith(project_id, 'demo-{run_id}-')"
         )
     finally:
         await sink.aclose()
-    return int(rows[0][0]), int(rows[0][1])
+    written, distinct, ended, with_duration = (int(value) for value in rows[0])
+    return written, distinct, ended, with_duration
 
 
 def format_summary(summary: DemoSummary) -> str:
@@ -171,5 +217,7 @@ def format_summary(summary: DemoSummary) -> str:
         f"retries         {summary.retries}",
         f"seconds         {summary.seconds}",
         f"events/s        {summary.events_per_s}",
+        f"sessions ended  {summary.sessions_ended}",
+        f"screen views    {summary.screen_views_with_duration} with a duration",
     ]
     return "\n".join(lines)
