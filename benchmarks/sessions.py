@@ -1,0 +1,172 @@
+"""Session events through Redis pairing into ClickHouse, against one MULTI per event.
+
+Measured side by side in one run, against throwaway ``clickhouse-server``
+and ``redis-server`` processes unless ``--clickhouse-url`` / ``--redis-url``
+are given:
+
+* ``session_events_per_s``: prebuilt screen views (and a session_end for
+  each session) through ``put`` -> SessionActor -> Redis session store ->
+  pairing -> Writer -> ClickHouse, timed from the first event until every
+  one of them is counted back in ClickHouse.
+* ``per_event_multi_events_per_s``: the reference's way of adding an event to
+  its Redis session buffer: one MULTI/EXEC per event (RPUSH to the session
+  list, ZADD NX to the session index, SET of the last screen view with EX,
+  ZADD and SET EX for the live visitor), on the same Redis.
+* ``speedup``: the first over the second.
+
+Usage: ``python benchmarks/sessions.py [--events N] [--json]
+[--clickhouse-url URL] [--redis-url URL]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import msgspec
+import redis.asyncio as redis
+from asynch import Connection
+
+from analytics_buffer import AnalyticsBuffer, Event, Settings
+from analytics_buffer.testing import ClickHouseServer, RedisServer
+
+
+def session_events(count: int, project: str, sessions: int) -> list[Event]:
+    """Screen views spread over ``sessions`` sessions, each closed by a session_end."""
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    views = count - sessions
+    events = [
+        Event(
+            name="screen_view",
+            project_id=project,
+            profile_id=f"u{i % sessions}",
+            session_id=f"s{i % sessions}",
+            created_at=start + timedelta(milliseconds=i),
+            path=f"/page/{i % 17}",
+            origin="https://example.com",
+        )
+        for i in range(views)
+    ]
+    events += [
+        Event(
+            name="session_end",
+            project_id=project,
+            profile_id=f"u{s}",
+            session_id=f"s{s}",
+            created_at=start + timedelta(milliseconds=views + s),
+        )
+        for s in range(sessions)
+    ]
+    return events
+
+
+async def count_rows(url: str, sql: str) -> int:
+    async with Connection(dsn=url) as conn, conn.cursor() as cursor:
+        await cursor.execute(sql)
+        rows = await cursor.fetchall()
+        return int(rows[0][0])
+
+
+async def pipeline(settings: Settings, events: list[Event], table: str) -> float:
+    project = events[0].project_id
+    started = time.perf_counter()
+    async with AnalyticsBuffer(settings) as buffer:
+        for start in range(0, len(events), 1000):
+            for event in events[start : start + 1000]:
+                await buffer.put(event)
+            await anyio.lowlevel.checkpoint()
+        await buffer.flush()
+    seconds = time.perf_counter() - started
+    assert settings.clickhouse_url is not None
+    counted = await count_rows(
+        settings.clickhouse_url, f"SELECT count() FROM {table} WHERE project_id = '{project}'"
+    )
+    if counted != len(events):
+        raise SystemExit(f"ERROR: {counted} of {len(events)} session events reached ClickHouse")
+    return len(events) / seconds
+
+
+async def per_event_multi(url: str, events: list[Event]) -> float:
+    """The reference's add(): one MULTI/EXEC round trip per event."""
+    encoder = msgspec.json.Encoder()
+    client = redis.Redis.from_url(url)
+    try:
+        started = time.perf_counter()
+        for event in events:
+            raw = encoder.encode(event)
+            score = event.created_at.timestamp() * 1000
+            multi = client.pipeline(transaction=True)
+            last_view = f"session:last_screen_view:{event.project_id}:{event.profile_id}"
+            multi.set(last_view, raw, ex=1860)
+            multi.rpush(f"event_buffer:session:{event.session_id}", raw)
+            multi.zadd("event_buffer:sessions_sorted", {event.session_id: score}, nx=True)
+            multi.zadd(f"live:visitors:{event.project_id}", {event.profile_id: score})
+            multi.set(f"live:visitor:{event.project_id}:{event.profile_id}", "1", ex=300)
+            await multi.execute()
+        return len(events) / (time.perf_counter() - started)
+    finally:
+        await client.aclose()
+
+
+def servers(args: argparse.Namespace, stack: ExitStack) -> Iterator[str]:
+    yield args.clickhouse_url or stack.enter_context(ClickHouseServer()).url
+    yield args.redis_url or stack.enter_context(RedisServer()).url
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    with ExitStack() as stack:
+        clickhouse_url, redis_url = servers(args, stack)
+        table = "bench_sessions"
+        settings = Settings(
+            clickhouse_url=clickhouse_url,
+            redis_url=redis_url,
+            data_dir=args.data_dir,
+            table=table,
+            session_interval=0.2,
+        )
+        events = session_events(args.events, "bench-sessions", args.sessions)
+        reference = session_events(args.reference_events, "bench-reference", 100)
+        print("... pipeline", file=sys.stderr, flush=True)
+        rate = await pipeline(settings, events, table)
+        print("... one MULTI per event", file=sys.stderr, flush=True)
+        baseline = await per_event_multi(redis_url, reference)
+    return {
+        "events": args.events,
+        "sessions": args.sessions,
+        "session_events_per_s": round(rate),
+        "per_event_multi_events_per_s": round(baseline),
+        "speedup": round(rate / baseline, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--sessions", type=int, default=10_000)
+    parser.add_argument("--reference-events", type=int, default=5_000)
+    parser.add_argument("--clickhouse-url", default=None)
+    parser.add_argument("--redis-url", default=None)
+    parser.add_argument("--data-dir", default="analytics-buffer-data/bench")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(map(len, result))
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
