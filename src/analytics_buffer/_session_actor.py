@@ -50,9 +50,9 @@ log = logging.getLogger("analytics_buffer.sessions")
 T = TypeVar("T")
 
 _CLEANUP_EVERY: Final = 60
+"""Cycles between two clean-ups of stale sessions."""
 _SLICE: Final = 2000
 """Events handed to the store per call: one round trip each, a checkpoint between."""
-"""Cycles between two clean-ups of stale sessions."""
 
 
 @final
@@ -149,9 +149,10 @@ class SessionActor(Actor):
             self._timer.cancel()
         try:
             await self._take_arrived()
-            if isinstance(self._store, MemorySessionStore):
+            if reason is None and isinstance(self._store, MemorySessionStore):
                 # Its state dies with the process: write what is pending now.
-                await self._settle(self._store.claim_everything(), drain=True)
+                # (After a crash it lives on, for the restarted instance.)
+                await self._settle([self._store.claim_everything()], drain=True)
         finally:
             if self._arrived and reason is None:
                 self._dead_letter_arrived("the session store could not take them at shutdown")
@@ -169,22 +170,27 @@ class SessionActor(Actor):
             self._counters.stale_sessions_removed += removed or 0
 
     async def _take_arrived(self) -> None:
-        """Hand the arrived events to the store, a slice at a time, and pass regular ones on."""
+        """Hand the arrived events to the store, a slice at a time, then pass regular ones on.
+
+        Regular events are passed on after every slice is stored, so their
+        inheritance sees every screen_view that arrived in the same cycle.
+        """
+        regular: list[tuple[Event, int]] = []
         while self._arrived:
             arrived = self._arrived[:_SLICE]
             events = [event for event, _ in arrived]
             added, _ = await self._guard(self._store.add(events, self._wall_clock()))
             if not added:
-                return
+                break
             del self._arrived[: len(arrived)]
             self._counters.sessions_waiting -= len(arrived)
-            regular = [(event, size) for event, size in arrived if not is_session_event(event)]
-            kept_bytes = sum(size for event, size in arrived if is_session_event(event))
-            self._capacity.give_back(len(arrived) - len(regular), kept_bytes)
-            if regular:
-                await self._pass_on(regular)
+            held = [(event, size) for event, size in arrived if is_session_event(event)]
+            self._capacity.give_back(len(held), sum(size for _, size in held))
+            regular += [(event, size) for event, size in arrived if not is_session_event(event)]
             # Big bursts must not stall the event loop.
             await anyio.lowlevel.checkpoint()
+        if regular:
+            await self._pass_on(regular)
 
     async def _pass_on(self, regular: list[tuple[Event, int]]) -> None:
         needs_history = sorted(
@@ -213,29 +219,35 @@ class SessionActor(Actor):
                 limit=settings.session_shards,
             )
         )
-        for claim in claims or []:
-            await self._settle(claim, drain=False)
+        if claims:
+            await self._settle(claims, drain=False)
 
-    async def _settle(self, claim: Claim, *, drain: bool) -> None:
+    async def _settle(self, claims: list[Claim], *, drain: bool) -> None:
+        """Settle the claimed sessions, write what they produce as one batch, then complete."""
         write: list[Event] = []
-        outcomes: list[SessionOutcome] = []
-        for work in claim.sessions:
-            settled = settle(work.pending, work.state, end=work.idle, drain=drain)
-            write += settled.write
-            still = {str(event.id) for event in settled.pending}
-            written = [str(event.id) for event in work.pending if str(event.id) not in still]
-            outcomes.append(SessionOutcome(key=work.key, state=work.state, written=written))
-            self._counters.sessions_ended += settled.ended
-            self._counters.session_screen_views += sum(
-                1 for event in settled.write if event.name == "screen_view"
-            )
+        outcomes: list[list[SessionOutcome]] = []
+        for claim in claims:
+            outcomes.append([])
+            for work in claim.sessions:
+                settled = settle(work.pending, work.state, end=work.idle, drain=drain)
+                write += settled.write
+                still = {event.id for event in settled.pending}
+                written = [str(event.id) for event in work.pending if event.id not in still]
+                outcomes[-1].append(SessionOutcome(key=work.key, state=work.state, written=written))
+                self._counters.sessions_ended += settled.ended
+                self._counters.session_screen_views += sum(
+                    1 for event in settled.write if event.name == "screen_view"
+                )
+            await anyio.lowlevel.checkpoint()
         if write:
             done: Reply[None] = Reply()
-            await self._writer.send(WriteBatch(Batch(_token(claim, write), write, 0, held=0), done))
+            batch = Batch(_token(write), write, 0, held=0)
+            await self._writer.send(WriteBatch(batch, done))
             await done.wait()
-        reached, completed = await self._guard(self._store.complete(claim, outcomes))
-        if reached and not completed:
-            log.warning("claim on shard %d expired before it completed", claim.shard)
+        for claim, claim_outcomes in zip(claims, outcomes, strict=True):
+            reached, completed = await self._guard(self._store.complete(claim, claim_outcomes))
+            if reached and not completed:
+                log.warning("claim on shard %d expired before it completed", claim.shard)
 
     async def _guard(self, operation: Awaitable[T]) -> tuple[bool, T | None]:
         """Await a store operation; on StoreUnavailable note the degraded state."""
@@ -260,9 +272,9 @@ class SessionActor(Actor):
         self._arrived.clear()
 
 
-def _token(claim: Claim, events: list[Event]) -> str:
-    """Same sessions settled from the same pending events give the same token."""
+def _token(events: list[Event]) -> str:
+    """The same events settled again (after a lost claim) give the same token."""
     digest = hashlib.blake2b(digest_size=12)
-    for event_id in sorted(str(event.id) for event in events):
-        digest.update(event_id.encode())
-    return f"s{claim.shard}-{digest.hexdigest()}"
+    for event_id in sorted(event.id.bytes for event in events):
+        digest.update(event_id)
+    return f"s-{digest.hexdigest()}"

@@ -225,7 +225,11 @@ class MemorySessionStore:
             and session.state.last_seen < now - retention
         ]
         for key in stale:
-            del self._sessions[key]
+            state = self._sessions.pop(key).state
+            profile = (state.project_id, state.profile_id)
+            last = self._last_screen_views.get(profile)
+            if last is not None and last.session_id == state.session_id:
+                del self._last_screen_views[profile]
         return len(stale)
 
     async def aclose(self) -> None:
