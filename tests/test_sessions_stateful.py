@@ -158,7 +158,6 @@ class SessionsMachine(RuleBasedStateMachine):
         self.track_count = 0
         self.made_ends: dict[str, list[tuple[int, Event]]] = {}
         """Session id -> session_end events the buffer made, with the step."""
-        self.crash_steps: set[int] = set()
         self.step_time: dict[int, float] = {}
         """Virtual time at the end of each step."""
         self.crashes = 0
@@ -480,7 +479,6 @@ class SessionsMachine(RuleBasedStateMachine):
             patch.setattr(self.store, "claim", claim)
             self.run(lambda: self.advance_by(INTERVAL))  # the next timer cycle crashes
         self.crashes += 1
-        self.crash_steps.add(self.step)
         self.observe()
         assert not armed[0]
         assert self.the_buffer().stats().restarts == restarts + 1
