@@ -77,7 +77,8 @@ class SessionOutcome(msgspec.Struct, kw_only=True):
     key: SessionKey
     state: SessionState
     written: list[str]
-    """Ids of the pending events now in ClickHouse (or dead-lettered)."""
+    """Ids (``str(event.id)``) of the pending events now in ClickHouse (or
+    dead-lettered). An outcome belongs to a session of its claim's shard."""
 
 
 class SessionStore(Protocol):
@@ -199,7 +200,9 @@ class MemorySessionStore:
             session = self._sessions.get(outcome.key)
             if session is None:
                 continue
-            session.state = outcome.state
+            # Activity is add's to keep (adds may land while a claim is out).
+            session.state.screen_views = outcome.state.screen_views
+            session.state.ended = session.state.ended or outcome.state.ended
             for event_id in outcome.written:
                 session.pending.pop(event_id, None)
                 session.written.add(event_id)
