@@ -38,24 +38,16 @@ dropped.) The Writer is crashed through ``MemorySink.crash_next``.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import Future
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import anyio
 import anyio.abc
 import pytest
-import trio
-import trio.testing
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
@@ -74,30 +66,17 @@ from analytics_buffer import (
 )
 from analytics_buffer._deadletter import DeadLetters
 from memory_sink import MemorySink
+from virtual_time import VirtualTimeMachine
 
 POISON: Final = (None, None, None)
 """A cast the EventBuffer cannot unpack as ``(event, size)``: its handler raises."""
 
 MAX_BUFFERED_EVENTS: Final = 100
-MAX_VIRTUAL_WAIT: Final = 100.0
-"""A flush or a shutdown that takes longer than this in virtual time is stuck: with
-the settings below a chunk's retries take well under a second."""
 
 trio_mock = pytest.mark.parametrize(
     "anyio_backend",
     [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-mock")],
 )
-
-
-async def settle() -> None:
-    """Let every task run until all are blocked, without moving the clock."""
-    limiter = trio.to_thread.current_default_thread_limiter()
-    while True:
-        await wait_all_tasks_blocked()
-        if limiter.borrowed_tokens == 0:
-            return
-        # A worker thread (a dead-letter append) is running; wait a little real time.
-        await wait_all_tasks_blocked(cushion=0.001)
 
 
 def _invalid_events() -> Iterator[tuple[dict[str, Any], str]]:
@@ -123,23 +102,15 @@ machine_settings = st.fixed_dictionaries(
 )
 
 
-class BufferMachine(RuleBasedStateMachine):
+class BufferMachine(VirtualTimeMachine):
     """Model: the ids accepted, and how many events were dropped or rejected."""
 
     def __init__(self, base_dir: Path) -> None:
-        super().__init__()
-        self.data_dir = Path(tempfile.mkdtemp(dir=base_dir))
-        self.clock = MockClock()  # rate 0, no autojump: time moves only by jump()
-        self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal(
-            "trio", backend_options={"clock": self.clock}
-        )
-        self.portal = self._portal_cm.__enter__()
+        super().__init__(base_dir)
         self.sink = MemorySink()
         self.buffer: AnalyticsBuffer | None = None
         self.settings: Settings | None = None
         self.dead_letter_file: DeadLetters | None = None
-        self._lifetime: Future[None] | None = None
-        self._stop: anyio.Event | None = None
         self.accepted: list[Any] = []
         self.accepted_set: set[Any] = set()
         self.dropped = 0
@@ -151,49 +122,6 @@ class BufferMachine(RuleBasedStateMachine):
         self.serial = 0
 
     # -- plumbing ------------------------------------------------------------------
-
-    def run(self, action: Callable[[], Awaitable[None]]) -> None:
-        """Run ``action`` in the event loop, then settle."""
-
-        async def step() -> None:
-            await action()
-            await settle()
-
-        self.portal.call(step)
-
-    def run_sync(self, action: Callable[[], None]) -> None:
-        async def call() -> None:
-            action()
-
-        self.run(call)
-
-    async def drive_until(self, done: Callable[[], bool], what: str) -> None:
-        """Jump the clock from deadline to deadline until ``done()``."""
-        start = trio.current_time()
-        while True:
-            await settle()
-            if done():
-                return
-            delay = trio.lowlevel.current_statistics().seconds_to_next_deadline
-            assert delay < math.inf, f"{what}: deadlocked (no pending deadline)"
-            assert trio.current_time() - start < MAX_VIRTUAL_WAIT, f"{what}: stuck"
-            if delay > 0:
-                self.clock.jump(delay)
-
-    async def advance_by(self, seconds: float) -> None:
-        """Let ``seconds`` of virtual time pass, stopping at every deadline on the way."""
-        target = trio.current_time() + seconds
-        await settle()
-        while True:
-            delay = trio.lowlevel.current_statistics().seconds_to_next_deadline
-            now = trio.current_time()
-            if now + delay > target:
-                break
-            if delay > 0:
-                self.clock.jump(delay)
-            await settle()
-        if target > trio.current_time():
-            self.clock.jump(target - trio.current_time())
 
     def new_event(self) -> Event:
         self.serial += 1
@@ -244,38 +172,16 @@ class BufferMachine(RuleBasedStateMachine):
         self.dead_letter_file = DeadLetters(self.data_dir / "dead-letter", self.settings.table)
         buffer = AnalyticsBuffer(self.settings, sink=self.sink)
         self.buffer = buffer
-
-        async def lifetime(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            self._stop = anyio.Event()
-            async with buffer:
-                task_status.started()
-                await self._stop.wait()
-
-        self._lifetime, _ = self.portal.start_task(lifetime)
-        self.run(settle)
+        self.start_buffer(buffer)
 
     def teardown(self) -> None:
         try:
-            if self._lifetime is not None and not self._lifetime.done():
-                lifetime = self._lifetime
-
-                async def stop() -> None:
-                    assert self._stop is not None
-                    self._stop.set()
-                    await self.drive_until(lifetime.done, "shutdown")
-
-                self.portal.call(stop)
-                lifetime.result()  # re-raise what stopped the buffer, if anything
+            if self.buffer_running:
+                self.stop_buffer()
                 self.check_all_accounted_for()
                 assert self.sink.closed == 1
         finally:
-            try:
-                # If the orderly stop failed, let time run so cancelling cannot hang.
-                self.portal.call(setattr, self.clock, "autojump_threshold", 0.0)
-                self.portal.call(self.portal.stop, True)
-            finally:
-                self._portal_cm.__exit__(None, None, None)
-                shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.close()
 
     # -- rules ---------------------------------------------------------------------
 

@@ -42,13 +42,7 @@ at a crash step.
 
 from __future__ import annotations
 
-import math
-import shutil
-import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,44 +53,31 @@ import anyio.abc
 import pytest
 import trio
 import trio.testing
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
     rule,
     run_state_machine_as_test,
 )
-from trio.testing import MockClock, wait_all_tasks_blocked
 
 from analytics_buffer import AnalyticsBuffer, Event, Settings
 from analytics_buffer._deadletter import DeadLetters
 from analytics_buffer._session_store import Claim, MemorySessionStore
 from analytics_buffer._sessions import SCREEN_VIEW, SESSION_END, epoch_ms
 from memory_sink import MemorySink
+from virtual_time import VirtualTimeMachine
 
 TIMEOUT: Final = 10.0
 INTERVAL: Final = 1.0
-MAX_VIRTUAL_WAIT: Final = 100.0
 T0: Final = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SESSIONS: Final = {"s1": "u1", "s2": "u1", "s3": "u2"}
 """Session id -> profile id (two sessions share a profile, for last_screen_view)."""
 at_ms = st.sampled_from([0, 1000, 2000, 5000]) | st.integers(0, 300).map(lambda t: t * 100)
 """Event times in a 30 s window, on a 100 ms grid, often on a few shared values:
 ties (between screen_views, and with regular events) and disorder are common."""
-
-
-async def settle() -> None:
-    """Let every task run until all are blocked, without moving the clock."""
-    limiter = trio.to_thread.current_default_thread_limiter()
-    while True:
-        await wait_all_tasks_blocked()
-        if limiter.borrowed_tokens == 0:
-            return
-        await wait_all_tasks_blocked(cushion=0.001)
 
 
 @dataclass
@@ -127,15 +108,9 @@ class Tracked:
         return epoch_ms(self.event.created_at), self.index
 
 
-class SessionsMachine(RuleBasedStateMachine):
+class SessionsMachine(VirtualTimeMachine):
     def __init__(self, base_dir: Path) -> None:
-        super().__init__()
-        self.data_dir = Path(tempfile.mkdtemp(dir=base_dir))
-        self.clock = MockClock()
-        self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal(
-            "trio", backend_options={"clock": self.clock}
-        )
-        self.portal = self._portal_cm.__enter__()
+        super().__init__(base_dir)
         self.sink = MemorySink()
         self.store = MemorySessionStore()
         self.settings = Settings(
@@ -151,8 +126,6 @@ class SessionsMachine(RuleBasedStateMachine):
         )
         self.letters = DeadLetters(self.data_dir / "dead-letter", self.settings.table)
         self.buffer: AnalyticsBuffer | None = None
-        self._lifetime: Future[None] | None = None
-        self._stop: anyio.Event | None = None
         self.step = 0
         self.tracked: dict[uuid.UUID, Tracked] = {}
         self.track_count = 0
@@ -166,44 +139,6 @@ class SessionsMachine(RuleBasedStateMachine):
         self.shut_down = False
 
     # -- plumbing --------------------------------------------------------------------
-
-    def run(self, action: Callable[[], Awaitable[None]]) -> None:
-        async def step() -> None:
-            await action()
-            await settle()
-
-        self.portal.call(step)
-
-    def run_sync(self, action: Callable[[], None]) -> None:
-        async def call() -> None:
-            action()
-
-        self.run(call)
-
-    async def drive_until(self, done: Callable[[], bool], what: str) -> None:
-        start = trio.current_time()
-        while True:
-            await settle()
-            if done():
-                return
-            delay = trio.lowlevel.current_statistics().seconds_to_next_deadline
-            assert delay < math.inf, f"{what}: deadlocked (no pending deadline)"
-            assert trio.current_time() - start < MAX_VIRTUAL_WAIT, f"{what}: stuck"
-            if delay > 0:
-                self.clock.jump(delay)
-
-    async def advance_by(self, seconds: float) -> None:
-        target = trio.current_time() + seconds
-        await settle()
-        while True:
-            delay = trio.lowlevel.current_statistics().seconds_to_next_deadline
-            if trio.current_time() + delay > target:
-                break
-            if delay > 0:
-                self.clock.jump(delay)
-            await settle()
-        if target > trio.current_time():
-            self.clock.jump(target - trio.current_time())
 
     def now(self) -> float:
         now: float = self.portal.call(trio.current_time)
@@ -274,39 +209,18 @@ class SessionsMachine(RuleBasedStateMachine):
     def start(self) -> None:
         buffer = AnalyticsBuffer(self.settings, sink=self.sink, session_store=self.store)
         self.buffer = buffer
-
-        async def lifetime(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            self._stop = anyio.Event()
-            async with buffer:
-                task_status.started()
-                await self._stop.wait()
-
-        self._lifetime, _ = self.portal.start_task(lifetime)
-        self.run(settle)
+        self.start_buffer(buffer)
 
     def teardown(self) -> None:
         try:
-            if self._lifetime is not None and not self._lifetime.done():
-                lifetime = self._lifetime
-
-                async def stop() -> None:
-                    assert self._stop is not None
-                    self._stop.set()
-                    await self.drive_until(lifetime.done, "shutdown")
-
+            if self.buffer_running:
                 self.begin()
-                self.portal.call(stop)
-                lifetime.result()
+                self.stop_buffer()
                 self.shut_down = True
                 self.observe()
                 self.check_final()
         finally:
-            try:
-                self.portal.call(setattr, self.clock, "autojump_threshold", 0.0)
-                self.portal.call(self.portal.stop, True)
-            finally:
-                self._portal_cm.__exit__(None, None, None)
-                shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.close()
 
     # -- rules: tracking -------------------------------------------------------------
 
