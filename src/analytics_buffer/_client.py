@@ -266,6 +266,10 @@ class AnalyticsBuffer:
     async def flush(self) -> None:
         """Return once every event accepted before the call is written or dead-lettered.
 
+        Session events that must wait are the exception: a screen view
+        waiting for its successor, and, while the session store is
+        unreachable, session events held in memory.
+
         It waits as long as the Writer's retries take; bound it with
         ``anyio.move_on_after`` if you need to.
         """

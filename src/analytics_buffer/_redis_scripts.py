@@ -333,7 +333,8 @@ for _, key in ipairs(keys) do
     end
   end
   if not pending then
-    if #fields > 0 then removed = removed + 1 end
+    -- Its keys may have expired already: the session is forgotten either way.
+    removed = removed + 1
     call('DEL', state, prefix .. 'written:' .. key, prefix .. 'history:' .. key)
     call('ZREM', K_ended, key)
     call('ZREM', K_index, key)

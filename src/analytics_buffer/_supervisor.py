@@ -129,7 +129,12 @@ class Supervisor:
             await self._stop_children(self._children)
         finally:
             self._release_mailboxes()
-        return await self._task_group.__aexit__(exc_type, exc, traceback)
+        try:
+            return await self._task_group.__aexit__(exc_type, exc, traceback)
+        except BaseExceptionGroup as group:
+            if exc is not None and len(group.exceptions) == 1 and group.exceptions[0] is exc:
+                return None  # the body's own exception leaves as itself
+            raise
 
     async def _supervise(
         self, child: _Child, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
