@@ -45,14 +45,12 @@ from typing import Any, Final
 import anyio
 import anyio.abc
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     initialize,
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 from trio.testing import MockClock, wait_all_tasks_blocked
 
@@ -66,7 +64,7 @@ from analytics_buffer import (
 )
 from analytics_buffer._deadletter import DeadLetters
 from memory_sink import MemorySink
-from virtual_time import VirtualTimeMachine
+from virtual_time import VirtualTimeMachine, run_machine
 
 POISON: Final = (None, None, None)
 """A cast the EventBuffer cannot unpack as ``(event, size)``: its handler raises."""
@@ -354,22 +352,7 @@ class BufferMachine(VirtualTimeMachine):
 
 
 def test_buffer_state_machine(tmp_path: Path) -> None:
-    class Machine(BufferMachine):
-        def __init__(self) -> None:
-            super().__init__(tmp_path)
-
-    run_state_machine_as_test(
-        Machine,
-        settings=settings(
-            max_examples=200,
-            stateful_step_count=40,
-            derandomize=True,
-            database=None,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-            report_multiple_bugs=False,
-        ),
-    )
+    run_machine(BufferMachine, tmp_path, steps=40)
 
 
 @pytest.mark.anyio

@@ -53,14 +53,12 @@ import anyio.abc
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     initialize,
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from analytics_buffer import AnalyticsBuffer, Event, Settings
@@ -68,7 +66,7 @@ from analytics_buffer._deadletter import DeadLetters
 from analytics_buffer._session_store import Claim, MemorySessionStore
 from analytics_buffer._sessions import SCREEN_VIEW, SESSION_END, epoch_ms
 from memory_sink import MemorySink
-from virtual_time import VirtualTimeMachine
+from virtual_time import VirtualTimeMachine, run_machine
 
 TIMEOUT: Final = 10.0
 INTERVAL: Final = 1.0
@@ -566,19 +564,4 @@ class SessionsMachine(VirtualTimeMachine):
 
 
 def test_sessions_state_machine(tmp_path: Path) -> None:
-    class Machine(SessionsMachine):
-        def __init__(self) -> None:
-            super().__init__(tmp_path)
-
-    run_state_machine_as_test(
-        Machine,
-        settings=settings(
-            max_examples=200,
-            stateful_step_count=50,
-            derandomize=True,
-            database=None,
-            deadline=None,
-            suppress_health_check=[HealthCheck.too_slow],
-            report_multiple_bugs=False,
-        ),
-    )
+    run_machine(SessionsMachine, tmp_path, steps=50)

@@ -24,7 +24,8 @@ import trio
 import trio.lowlevel
 import trio.to_thread
 from anyio.from_thread import BlockingPortal, start_blocking_portal
-from hypothesis.stateful import RuleBasedStateMachine
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, run_state_machine_as_test
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from analytics_buffer import AnalyticsBuffer
@@ -139,3 +140,24 @@ class VirtualTimeMachine(RuleBasedStateMachine):
         finally:
             self._portal_cm.__exit__(None, None, None)
             shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def run_machine(machine: type[VirtualTimeMachine], base_dir: Path, *, steps: int) -> None:
+    """Run ``machine`` (built with ``base_dir``) as a test: 200 derandomized examples."""
+
+    class Machine(machine):  # type: ignore[misc,valid-type]
+        def __init__(self) -> None:
+            super().__init__(base_dir)
+
+    run_state_machine_as_test(
+        Machine,
+        settings=settings(
+            max_examples=200,
+            stateful_step_count=steps,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+            report_multiple_bugs=False,
+        ),
+    )

@@ -38,6 +38,7 @@ from ._exceptions import ConfigError, PermanentSinkError, SinkError, TransientSi
 from ._rows import RowPlan, plan_rows
 from ._schema import Capabilities, events_ddl
 from ._settings import Settings
+from ._sink import open_late
 
 __all__ = ("ChdbSink", "embedded_capabilities")
 
@@ -166,11 +167,7 @@ class ChdbSink:
         if not events:
             return
         if self._plan is None:
-            try:
-                await self.open()
-            except ConfigError as exc:
-                # Opened late (the server was down at start): the table is unusable.
-                raise PermanentSinkError(str(exc)) from exc
+            await open_late(self.open)
         assert self._plan is not None
         assert self._capabilities is not None
         settings = self._capabilities.insert_settings(token)

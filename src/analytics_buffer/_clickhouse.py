@@ -56,6 +56,7 @@ from ._exceptions import ConfigError, PermanentSinkError, SinkError, TransientSi
 from ._rows import RowPlan, plan_rows
 from ._schema import Capabilities, events_ddl
 from ._settings import Settings
+from ._sink import open_late
 
 __all__ = ("ClickHouseSink",)
 
@@ -247,11 +248,7 @@ class ClickHouseSink:
         if not events:
             return
         if self._plan is None:
-            try:
-                await self.open()
-            except ConfigError as exc:
-                # Opened late (the server was down at start): the table is unusable.
-                raise PermanentSinkError(str(exc)) from exc
+            await open_late(self.open)
         assert self._plan is not None
         assert self._capabilities is not None
         rows = self._plan.rows(events)
