@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 import redis.asyncio as redis
+from _report import print_result
 from asynch import Connection
 
 from analytics_buffer import AnalyticsBuffer, Event, Settings
@@ -159,12 +159,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        width = max(map(len, result))
-        for key, value in result.items():
-            print(f"{key:<{width}}  {value}")
+    print_result(result, as_json=args.json)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+from _report import print_result
 from asynch import Connection
 
 from analytics_buffer import AnalyticsBuffer, Event, Settings
@@ -230,12 +230,7 @@ def main() -> int:
     if result["pipeline_written_counted_back"] != args.events:
         print("ERROR: the pipeline did not write every event", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(result))
-    else:
-        width = max(map(len, result))
-        for key, value in result.items():
-            print(f"{key:<{width}}  {value}")
+    print_result(result, as_json=args.json)
     return 0
 
 

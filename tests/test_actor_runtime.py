@@ -6,7 +6,7 @@ from typing import Any
 
 import anyio
 import pytest
-from trio.testing import MockClock
+from trio.testing import MockClock, wait_all_tasks_blocked
 
 from analytics_buffer import (
     Actor,
@@ -235,7 +235,7 @@ async def test_a_full_mailbox_refuses_casts() -> None:
     async with Supervisor([ChildSpec("a", lambda: Recorder(log), mailbox_size=2)]) as sup:
         ref = sup.ref("a")
         ref.cast("hang")  # keep the actor busy so nothing is taken
-        await anyio.sleep(0.1)
+        await wait_all_tasks_blocked()
         ref.cast(1)
         ref.cast(2)
         with pytest.raises(MailboxFull, match="2 messages"):

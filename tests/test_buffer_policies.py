@@ -33,6 +33,7 @@ from analytics_buffer import (
     Event,
     FlushReport,
     Settings,
+    Stats,
 )
 from analytics_buffer._capacity import Capacity
 from analytics_buffer._deadletter import DeadLetters
@@ -444,6 +445,21 @@ async def test_leaving_async_with_flushes_at_once(tmp_path: Path) -> None:
         buffer.track(batch[0])
 
 
+async def refuse_then_take(
+    settings: Settings, sink: MemorySink, on_flush: Flushes | None = None
+) -> tuple[list[Event], list[Event], Stats]:
+    """Track three events and flush while ``sink`` refuses them, then two more and flush."""
+    refused, later = events(3, "bad"), events(2, "good")
+    async with AnalyticsBuffer(settings, sink=sink, on_flush=on_flush) as buffer:
+        for event in refused:
+            buffer.track(event)
+        await buffer.flush()
+        for event in later:
+            buffer.track(event)
+        await buffer.flush()
+    return refused, later, buffer.stats()
+
+
 # -- sink failures -------------------------------------------------------------------
 
 
@@ -456,14 +472,7 @@ async def test_permanent_failure_dead_letters_with_the_code_and_later_batches_fl
     sink = MemorySink()
     sink.fail_permanent = 1
     flushes = Flushes()
-    refused, later = events(3, "bad"), events(2, "good")
-    async with AnalyticsBuffer(settings, sink=sink, on_flush=flushes) as buffer:
-        for event in refused:
-            buffer.track(event)
-        await buffer.flush()
-        for event in later:
-            buffer.track(event)
-        await buffer.flush()
+    refused, later, stats = await refuse_then_take(settings, sink, flushes)
     letters = dead_letters(settings)
     assert [letter.event for letter in letters] == refused
     assert {letter.code for letter in letters} == {16}
@@ -471,7 +480,6 @@ async def test_permanent_failure_dead_letters_with_the_code_and_later_batches_fl
     assert len({letter.token for letter in letters}) == 1
     assert letters[0].token == f"{flushes.reports[0].token}:0"
     assert sink.rows == later
-    stats = buffer.stats()
     assert (stats.written, stats.dead_lettered, stats.retries, stats.buffered) == (2, 3, 0, 0)
     assert sink.inserts == 2  # a permanent failure is not retried
     assert [(r.written, r.dead_lettered) for r in flushes.reports] == [(0, 3), (2, 0)]
@@ -527,20 +535,12 @@ async def test_exhausted_retries_dead_letter_with_the_reason_and_later_batches_f
     settings = make_settings(tmp_path, retry_attempts=3)
     sink = MemorySink()
     sink.fail_transient = 3
-    refused, later = events(3, "bad"), events(2, "good")
-    async with AnalyticsBuffer(settings, sink=sink) as buffer:
-        for event in refused:
-            buffer.track(event)
-        await buffer.flush()
-        for event in later:
-            buffer.track(event)
-        await buffer.flush()
+    refused, later, stats = await refuse_then_take(settings, sink)
     letters = dead_letters(settings)
     assert [letter.event for letter in letters] == refused
     assert {letter.code for letter in letters} == {0}
     assert {letter.reason for letter in letters} == {"retries exhausted (3): connection refused"}
     assert sink.rows == later
-    stats = buffer.stats()
     assert (stats.written, stats.dead_lettered, stats.retries) == (2, 3, 2)
     assert sink.inserts == 4
 

@@ -231,18 +231,7 @@ class BufferMachine(VirtualTimeMachine):
     def flush(self) -> None:
         before = list(self.accepted)
         buffer = self.the_buffer()
-        done = anyio.Event()
-
-        async def flush_and_wait() -> None:
-            async def flush() -> None:
-                await buffer.flush()
-                done.set()
-
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(flush)
-                await self.drive_until(done.is_set, "flush")
-
-        self.run(flush_and_wait)
+        self.run_until_done(buffer.flush, "flush")
         assert buffer.stats().buffered == 0
         self.check_all_accounted_for(before)
 
@@ -358,7 +347,7 @@ def test_buffer_state_machine(tmp_path: Path) -> None:
 @pytest.mark.anyio
 @trio_mock
 async def test_a_crash_in_the_middle_of_a_run_of_casts_loses_no_event(tmp_path: Path) -> None:
-    # BUG (core, _buffer.py handle_casts): when handling one cast raises, the
+    # Fixed bug (_buffer.py handle_casts): when handling one cast raises, the
     # casts after it in the same run are neither handled nor carried over
     # (_serve counts the whole run as delivered), so they are lost: accepted,
     # never written nor dead-lettered, and their room in the buffer never freed.
@@ -419,7 +408,7 @@ class CrashOnInsertSink(MemorySink):
 async def test_a_writer_crash_keeps_the_messages_queued_behind_the_crashing_one(
     tmp_path: Path,
 ) -> None:
-    # BUG (core, _writer.py Writer.handle_casts): the Writer drains its mailbox in
+    # Fixed bug (_writer.py Writer.handle_casts): the Writer drains its mailbox in
     # bulk; when one message crashes it, the messages after it in the same run
     # are neither handled nor carried over to the restarted Writer. Batches are
     # lost (accepted, never written nor dead-lettered, their room never freed)
@@ -463,7 +452,7 @@ async def test_a_writer_crash_keeps_the_messages_queued_behind_the_crashing_one(
 async def test_a_writer_crash_during_shutdown_still_writes_the_final_flush(
     tmp_path: Path,
 ) -> None:
-    # BUG (core, _supervisor.py Supervisor._supervise): a child that crashes
+    # Fixed bug (_supervisor.py Supervisor._supervise): a child that crashes
     # while it is being stopped is not restarted (``not child.stopping``), so
     # what is still queued in its mailbox, here the EventBuffer's final flush
     # (queued ahead of the stop request), is dropped by _release_mailboxes

@@ -268,7 +268,7 @@ def test_many_small_properties_over_the_bound_are_refused() -> None:
 
 
 def test_control_characters_count_at_their_escaped_size() -> None:
-    # BUG (core, _event.py:154): the cheap estimate assumes at most 4 bytes a
+    # Fixed bug (_event.py:154): the cheap estimate assumes at most 4 bytes a
     # character, but JSON escapes a control character as 6 bytes (\u0001), so
     # this event (about 96 KB encoded) passes a 64 KiB bound.
     event = _sized("\x01" * 16_000)
@@ -468,7 +468,7 @@ def test_invalid_json_problem_says_so() -> None:
 
 @pytest.mark.parametrize("field", ["name", "project_id"])
 def test_missing_required_json_field_is_named(field: str) -> None:
-    # BUG (core, _event.py:179-180): msgspec says "Object missing required field
+    # Fixed bug (_event.py:179-180): msgspec says "Object missing required field
     # `name`" with no "- at `$.name`" path, so the field falls back to "event".
     fields = {"name": "n", "project_id": "p"}
     del fields[field]

@@ -135,7 +135,7 @@ def test_exception_attributes() -> None:
 def test_exceptions_survive_pickling_with_their_attributes(
     error: Exception, attributes: tuple[str, ...]
 ) -> None:
-    # BUG (minor, core _exceptions.py InvalidEvent.__init__): BaseException.__reduce__
+    # Fixed bug (_exceptions.py InvalidEvent.__init__): BaseException.__reduce__
     # replays ``args``, which holds only the formatted message, into an __init__
     # that needs (field, problem): InvalidEvent cannot be unpickled (nor
     # copy.copy'd), e.g. across a process pool. Fix: define

@@ -470,11 +470,11 @@ async def test_event_outside_the_tables_time_range_does_not_poison_its_batch(
 # -- faults: the server killed, paused ----------------------------------------------
 
 
-async def test_clickhouse_killed_and_restarted_loses_nothing(
-    private_clickhouse: ClickHouseServer, tmp_path: Path
-) -> None:
-    server = private_clickhouse
-    url = server.url
+@asynccontextmanager
+async def steady_load(
+    url: str, tmp_path: Path
+) -> AsyncIterator[tuple[AnalyticsBuffer, Producer, FlushLog]]:
+    """A buffer under steady tracking, past its first write; stopped and flushed on exit."""
     flushes = FlushLog()
     settings = make_settings(
         url, tmp_path, flush_interval=0.1, max_batch_events=200, **_FAULT_TOLERANT
@@ -485,34 +485,13 @@ async def test_clickhouse_killed_and_restarted_loses_nothing(
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(producer.run)
                 await flushes.wait_written(1)
-
-                server.kill()
-                killed_at = len(producer.ids)
-                # The outage lasts until inserts have failed a few times and 2,000 more
-                # events were accepted meanwhile (about a second of load).
-                await wait_until(
-                    lambda: buffer.stats().retries >= 3 and len(producer.ids) >= killed_at + 2_000,
-                    15,
-                    "failed inserts under continued tracking",
-                )
-                written_during_outage = buffer.stats().written
-                accepted_during_outage = len(producer.ids) - killed_at
-                await anyio.to_thread.run_sync(server.start)
-
-                # Tracking went on all along; wait for a batch to make it after the restart.
-                await flushes.wait_written(written_during_outage + 1, timeout=15)
+                yield buffer, producer, flushes
                 producer.stop()
             await buffer.flush()
-            stats = buffer.stats()
 
-    accepted = set(producer.ids)
-    assert accepted_during_outage >= 2_000
-    assert len(accepted) == len(producer.ids) == stats.accepted
-    assert stats.retries >= 3
-    assert stats.dead_lettered == 0
-    assert stats.written == stats.accepted
-    assert not (tmp_path / "dead-letter").exists()
 
+async def assert_stored_once(url: str, accepted: set[uuid.UUID]) -> None:
+    """Every accepted id is in the table, once after FINAL, and nothing else is."""
     count, unique, final = await table_counts(url)
     assert unique == len(accepted), "accepted events are missing from ClickHouse"
     assert final == len(accepted)
@@ -522,43 +501,57 @@ async def test_clickhouse_killed_and_restarted_loses_nothing(
     assert await stored_ids(url) == accepted
 
 
+async def test_clickhouse_killed_and_restarted_loses_nothing(
+    private_clickhouse: ClickHouseServer, tmp_path: Path
+) -> None:
+    server = private_clickhouse
+    async with steady_load(server.url, tmp_path) as (buffer, producer, flushes):
+        server.kill()
+        killed_at = len(producer.ids)
+        # The outage lasts until inserts have failed a few times and 2,000 more
+        # events were accepted meanwhile (about a second of load).
+        await wait_until(
+            lambda: buffer.stats().retries >= 3 and len(producer.ids) >= killed_at + 2_000,
+            15,
+            "failed inserts under continued tracking",
+        )
+        written_during_outage = buffer.stats().written
+        accepted_during_outage = len(producer.ids) - killed_at
+        await anyio.to_thread.run_sync(server.start)
+        # Tracking went on all along; wait for a batch to make it after the restart.
+        await flushes.wait_written(written_during_outage + 1, timeout=15)
+    stats = buffer.stats()
+
+    accepted = set(producer.ids)
+    assert accepted_during_outage >= 2_000
+    assert len(accepted) == len(producer.ids) == stats.accepted
+    assert stats.retries >= 3
+    assert stats.dead_lettered == 0
+    assert stats.written == stats.accepted
+    assert not (tmp_path / "dead-letter").exists()
+    await assert_stored_once(server.url, accepted)
+
+
 async def test_clickhouse_paused_times_out_inserts_then_catches_up(
     private_clickhouse: ClickHouseServer, tmp_path: Path
 ) -> None:
     server = private_clickhouse
-    url = server.url
-    flushes = FlushLog()
-    settings = make_settings(
-        url, tmp_path, flush_interval=0.1, max_batch_events=200, **_FAULT_TOLERANT
-    )
-    with anyio.fail_after(45):
-        async with AnalyticsBuffer(settings, on_flush=flushes) as buffer:
-            producer = Producer(buffer)
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(producer.run)
-                await flushes.wait_written(1)
-
-                async with paused(server):
-                    paused_at = anyio.current_time()
-                    await wait_until(lambda: buffer.stats().retries >= 2, 10, "timed-out inserts")
-                    stalled_for = anyio.current_time() - paused_at
-                    written_while_paused = buffer.stats().written
-
-                await flushes.wait_written(written_while_paused + 1, timeout=15)
-                producer.stop()
-            await buffer.flush()
-            stats = buffer.stats()
+    async with steady_load(server.url, tmp_path) as (buffer, producer, flushes):
+        async with paused(server):
+            paused_at = anyio.current_time()
+            await wait_until(lambda: buffer.stats().retries >= 2, 10, "timed-out inserts")
+            stalled_for = anyio.current_time() - paused_at
+            written_while_paused = buffer.stats().written
+        await flushes.wait_written(written_while_paused + 1, timeout=15)
+    stats = buffer.stats()
 
     accepted = set(producer.ids)
     # Two attempts cannot fail before insert_timeout ran out at least once.
-    assert stalled_for >= settings.insert_timeout
+    assert stalled_for >= buffer.settings.insert_timeout
     assert stats.retries >= 2
     assert stats.accepted == stats.written == len(accepted)
     assert stats.dead_lettered == 0
-    count, unique, final = await table_counts(url)
-    assert unique == final == len(accepted)
-    assert count >= len(accepted)
-    assert await stored_ids(url) == accepted
+    await assert_stored_once(server.url, accepted)
 
 
 # -- overflow policies, with the server paused --------------------------------------

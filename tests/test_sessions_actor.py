@@ -432,7 +432,7 @@ async def test_last_screen_view_is_the_newest_by_created_at(tmp_path: Path) -> N
 async def test_a_session_actor_crash_keeps_the_pending_screen_view_pending(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # BUG (_session_actor.py, SessionActor.terminate): terminate drains the
+    # Fixed bug (_session_actor.py, SessionActor.terminate): terminate drains the
     # in-memory store (writes pending screen_views with the duration known so
     # far) on *every* exit, a crash included. But the MemorySessionStore is owned
     # by the AnalyticsBuffer and outlives a restart of the actor, so after a
@@ -468,7 +468,7 @@ async def test_a_session_actor_crash_keeps_the_pending_screen_view_pending(
 
 
 async def test_last_screen_views_are_forgotten_with_their_sessions(tmp_path: Path) -> None:
-    # BUG (_session_store.py, MemorySessionStore.cleanup): cleanup forgets stale
+    # Fixed bug (_session_store.py, MemorySessionStore.cleanup): cleanup forgets stale
     # sessions but never ``_last_screen_views``, so the in-memory store keeps one
     # screen_view per (project, profile) forever: unbounded memory in a
     # long-running service, and unlike the Redis store, whose last-screen-view
@@ -495,7 +495,7 @@ async def test_last_screen_views_are_forgotten_with_their_sessions(tmp_path: Pat
 async def test_inheritance_sees_a_later_screen_view_of_the_same_cycle_in_a_big_burst(
     tmp_path: Path,
 ) -> None:
-    # BUG (_session_actor.py, SessionActor._take_arrived): arrivals are handed to
+    # Fixed bug (_session_actor.py, SessionActor._take_arrived): arrivals are handed to
     # the store in slices of _SLICE (2000) events, and each slice's regular
     # events are inherited and passed on before the next slice is added. So
     # whether a regular event inherits from a screen_view that arrived after it

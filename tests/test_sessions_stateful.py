@@ -48,8 +48,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
-import anyio
-import anyio.abc
 import pytest
 import trio
 import trio.testing
@@ -305,18 +303,7 @@ class SessionsMachine(VirtualTimeMachine):
     def flush(self) -> None:
         self.begin()
         buffer = self.the_buffer()
-        done = anyio.Event()
-
-        async def flush_and_wait() -> None:
-            async def flush() -> None:
-                await buffer.flush()
-                done.set()
-
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(flush)
-                await self.drive_until(done.is_set, "flush")
-
-        self.run(flush_and_wait)
+        self.run_until_done(buffer.flush, "flush")
         self.observe()
         stats = buffer.stats()
         assert stats.sessions_waiting == 0

@@ -235,7 +235,7 @@ def test_out_of_range_value_from_the_environment_raises_config_error() -> None:
 
 
 def test_config_error_names_the_variable_that_does_not_parse() -> None:
-    # BUG (minor, core _settings.py from_env): the docstring promises "naming the
+    # Fixed bug (_settings.py from_env): the docstring promises "naming the
     # variable that does not parse"; the message says "ANALYTICS_BUFFER_*: ...
     # at `$.max_batch_events`", never the variable's name.
     with pytest.raises(ConfigError, match="ANALYTICS_BUFFER_MAX_BATCH_EVENTS"):
@@ -299,7 +299,7 @@ def test_values_at_the_bounds_are_accepted(changes: dict[str, Any]) -> None:
     ids=repr,
 )
 def test_wrong_types_raise_config_error_naming_the_field(changes: dict[str, Any]) -> None:
-    # BUG (minor, core _settings.py __post_init__): ConfigError is documented as
+    # Fixed bug (_settings.py __post_init__): ConfigError is documented as
     # "Raised when a setting is ... of the wrong type", but a Struct does not
     # check types on construction, so __post_init__ fails with a bare TypeError
     # ("'>' not supported between instances of 'str' and 'int'") or

@@ -103,6 +103,21 @@ class VirtualTimeMachine(RuleBasedStateMachine):
         if target > trio.current_time():
             self.clock.jump(target - trio.current_time())
 
+    def run_until_done(self, action: Callable[[], Awaitable[None]], what: str) -> None:
+        """Run ``action`` in the event loop, jumping the clock until it has returned."""
+        done = anyio.Event()
+
+        async def act() -> None:
+            await action()
+            done.set()
+
+        async def drive() -> None:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(act)
+                await self.drive_until(done.is_set, what)
+
+        self.run(drive)
+
     def start_buffer(self, buffer: AnalyticsBuffer) -> None:
         """Enter ``buffer`` in the portal; it runs until :meth:`stop_buffer`."""
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
+from collections.abc import Iterator
 from typing import Any, Final, Generic, TypeVar, final
 
 import anyio
@@ -208,19 +210,15 @@ class Actor:
         """Handle a cast; an exception crashes the actor."""
         log.warning("%s: dropped unknown cast %r", self.ref.name, message)
 
-    async def handle_casts(self, messages: list[object]) -> None:
+    async def handle_casts(self, messages: Iterator[object]) -> None:
         """Handle a run of consecutive casts; override to batch them.
 
-        If an override raises, the whole run counts as delivered: state the
-        actor kept from it is handed to :meth:`terminate`. This default hands
-        the casts after the failing one to the next instance.
+        A cast taken from ``messages`` counts as delivered: if handling it
+        raises, what the actor kept goes to :meth:`terminate` and the casts
+        not yet taken go to the next instance.
         """
-        for index, message in enumerate(messages):
-            try:
-                await self.handle_cast(message)
-            except BaseException:
-                self.ref.mailbox.carry_over(messages[index + 1 :])
-                raise
+        for message in messages:
+            await self.handle_cast(message)
 
     async def handle_info(self, message: object) -> None:
         """Handle a message from a timer or :meth:`ActorRef.info`."""
@@ -263,7 +261,13 @@ async def _serve(actor: Actor, mailbox: Mailbox[object]) -> None:
                         end += 1
                     run = batch[index:end] if index or end < count else batch
                     index = end
-                    await actor.handle_casts(run)
+                    casts = iter(run)
+                    try:
+                        await actor.handle_casts(casts)
+                    except BaseException:
+                        # The casts not yet taken wait for the next instance.
+                        mailbox.carry_over(run[len(run) - operator.length_hint(casts) :])
+                        raise
                 elif isinstance(message, _Call):
                     index += 1
                     try:

@@ -85,27 +85,22 @@ class EventBuffer(Actor):
     async def init(self) -> None:
         self._arm_timer()
 
-    async def handle_casts(self, messages: list[object]) -> None:
+    async def handle_casts(self, messages: Iterator[object]) -> None:
         pending = self._pending
         max_events, max_bytes = self._max_events, self._max_bytes
-        for index, message in enumerate(messages):
-            try:
-                if type(message) is tuple:
-                    event, size = message
-                    pending.append(event)
-                    self._pending_bytes += size
-                    if len(pending) >= max_events or self._pending_bytes >= max_bytes:
-                        await self._flush(None)
-                        pending = self._pending
-                elif message is FLUSH_SOON:
+        for message in messages:
+            if type(message) is tuple:
+                event, size = message
+                pending.append(event)
+                self._pending_bytes += size
+                if len(pending) >= max_events or self._pending_bytes >= max_bytes:
                     await self._flush(None)
                     pending = self._pending
-                else:
-                    log.warning("event buffer: dropped unknown cast %r", message)
-            except BaseException:
-                # What this instance holds goes to terminate; the rest to the next instance.
-                self.ref.mailbox.carry_over(messages[index + 1 :])
-                raise
+            elif message is FLUSH_SOON:
+                await self._flush(None)
+                pending = self._pending
+            else:
+                log.warning("event buffer: dropped unknown cast %r", message)
 
     async def handle_call(self, message: object, reply: Reply[Any]) -> None:
         if message is FLUSH:

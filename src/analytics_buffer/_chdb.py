@@ -34,11 +34,11 @@ import msgspec
 
 from ._clickhouse_codes import code_in_message, error_for_code
 from ._event import Event
-from ._exceptions import ConfigError, PermanentSinkError, SinkError, TransientSinkError
-from ._rows import RowPlan, plan_rows
-from ._schema import Capabilities, events_ddl
+from ._exceptions import ConfigError, SinkError, TransientSinkError
+from ._rows import RowPlan
+from ._schema import Capabilities
 from ._settings import Settings
-from ._sink import open_late
+from ._table_sink import TableSink
 
 __all__ = ("ChdbSink", "embedded_capabilities")
 
@@ -83,67 +83,34 @@ def _sink_error(exc: Exception) -> SinkError:
 
 
 @final
-class ChdbSink:
+class ChdbSink(TableSink):
     """The events table in chdb under ``<data_dir>/chdb`` (see the module docstring).
 
     :param settings: ``data_dir`` and ``table`` are used
     :param create_table: create the table (``IF NOT EXISTS``) when opening
+    :raises ConfigError: when opening finds chdb missing, or another data
+        directory open in this process
     """
 
+    _engine = "chdb"
+    _dialect = "json"
+
     def __init__(self, settings: Settings, *, create_table: bool = True) -> None:
-        self._settings = settings
+        super().__init__(settings, create_table=create_table)
         self._path = os.path.join(settings.data_dir, "chdb")
-        self._create_table = create_table
         self._limiter = anyio.CapacityLimiter(1)
-        self._open_lock = anyio.Lock()
         self._session: Any = None
-        self._capabilities: Capabilities | None = None
-        self._plan: RowPlan | None = None
-        self._insert_head = ""
 
     @property
     def path(self) -> str:
         """The chdb data directory."""
         return self._path
 
-    @property
-    def capabilities(self) -> Capabilities | None:
-        """What the engine supports; ``None`` until opened."""
-        return self._capabilities
-
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """The columns each INSERT names; empty until opened."""
-        return self._plan.columns if self._plan else ()
-
-    async def open(self) -> None:
-        """Start (or join) the embedded server, create the table if asked to, learn its columns.
-
-        Safe to call again: an open sink returns at once.
-
-        :raises ConfigError: chdb is missing, another data directory is open
-            in this process, or the table does not fit the events
-        """
-        async with self._open_lock:
-            if self._plan is not None:
-                return
-            if self._session is None:
-                # Importing chdb loads a large library: keep it off the event loop too.
-                chdb = await self._call(_import_chdb)
-                self._session = await self._call(self._start, chdb)
-            table = self._settings.table
-            try:
-                version = await self._query_rows("SELECT version()")
-                caps = Capabilities.for_version(str(version[0][0]))
-                if self._create_table:
-                    await self._query(events_ddl(table, caps))
-                described = await self._query_rows(f"DESCRIBE TABLE `{table}`")
-            except PermanentSinkError as exc:
-                raise ConfigError(f"chdb refused to set up table {table!r}: {exc}") from exc
-            plan = plan_rows(((row[0], row[1], row[2]) for row in described), table, dialect="json")
-            self._capabilities = caps
-            self._insert_head = f"INSERT INTO `{table}` ({plan.column_list})"
-            self._plan = plan
+    async def _connect(self) -> None:
+        if self._session is None:
+            # Importing chdb loads a large library: keep it off the event loop too.
+            chdb = await self._call(_import_chdb)
+            self._session = await self._call(self._start, chdb)
 
     def _start(self, chdb: Any) -> Any:
         os.makedirs(self._path, exist_ok=True)
@@ -156,25 +123,14 @@ class ChdbSink:
                 "(chdb serves one data directory per process)"
             ) from exc
 
-    async def insert(self, events: Sequence[Event], token: str) -> None:
-        """Insert ``events`` as one INSERT identified by ``token``.
-
-        Opens the sink first if an earlier ``open`` failed.
-
-        :raises TransientSinkError: may be retried with the same token
-        :raises PermanentSinkError: the engine refused the rows
-        """
-        if not events:
-            return
-        if self._plan is None:
-            await open_late(self.open)
-        assert self._plan is not None
-        assert self._capabilities is not None
-        settings = self._capabilities.insert_settings(token)
-        head = ", ".join(f"{name}={_sql_literal(value)}" for name, value in settings.items())
-        body = _encoder.encode_lines(self._plan.rows(events))
-        sql = f"{self._insert_head} SETTINGS {head} FORMAT JSONCompactEachRow\n{body.decode()}"
-        await self._query(sql)
+    async def _insert_rows(
+        self, head: str, plan: RowPlan, settings: dict[str, int | str], events: Sequence[Event]
+    ) -> None:
+        literals = ", ".join(f"{name}={_sql_literal(value)}" for name, value in settings.items())
+        body = _encoder.encode_lines(plan.rows(events))
+        await self._execute(
+            f"{head} SETTINGS {literals} FORMAT JSONCompactEachRow\n{body.decode()}"
+        )
 
     async def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read query; rows hold JSON values (numbers, strings, lists, dicts).
@@ -184,7 +140,7 @@ class ChdbSink:
         """
         if self._session is None:
             await self.open()
-        return await self._query_rows(sql)
+        return await self._fetch(sql)
 
     async def aclose(self) -> None:
         """Close this sink's chdb session; safe to call twice."""
@@ -194,9 +150,12 @@ class ChdbSink:
             with anyio.CancelScope(shield=True):
                 await self._call(session.close)
 
-    async def _query_rows(self, sql: str) -> list[tuple[Any, ...]]:
+    async def _fetch(self, sql: str) -> list[tuple[Any, ...]]:
         output = await self._query(sql, "JSONCompactEachRow")
         return [tuple(row) for row in _decoder.decode_lines(output)]
+
+    async def _execute(self, sql: str) -> None:
+        await self._query(sql)
 
     async def _query(self, sql: str, fmt: str = "CSV") -> bytes:
         session = self._session

@@ -53,10 +53,9 @@ from asynch.proto.utils.dsn import DSNError, parse_dsn
 from ._clickhouse_codes import PERMANENT_CODES, error_for_code
 from ._event import Event
 from ._exceptions import ConfigError, PermanentSinkError, SinkError, TransientSinkError
-from ._rows import RowPlan, plan_rows
-from ._schema import Capabilities, events_ddl
+from ._rows import RowPlan
 from ._settings import Settings
-from ._sink import open_late
+from ._table_sink import TableSink
 
 __all__ = ("ClickHouseSink",)
 
@@ -172,7 +171,7 @@ class _Connections:
 
 
 @final
-class ClickHouseSink:
+class ClickHouseSink(TableSink):
     """The events table on a ClickHouse server (see the module docstring).
 
     :param settings: ``clickhouse_url``, ``table``, ``pool_size``,
@@ -181,79 +180,27 @@ class ClickHouseSink:
     :raises ConfigError: when ``clickhouse_url`` is missing or malformed
     """
 
+    _engine = "ClickHouse"
+    _dialect = "native"
+
     def __init__(self, settings: Settings, *, create_table: bool = True) -> None:
-        self._settings = settings
+        super().__init__(settings, create_table=create_table)
         self._options = _connection_options(settings)
-        self._create_table = create_table
-        self._open_lock = anyio.Lock()
         self._pool: _Connections | None = None
-        self._capabilities: Capabilities | None = None
-        self._plan: RowPlan | None = None
-        self._insert_sql = ""
 
-    @property
-    def capabilities(self) -> Capabilities | None:
-        """What the server supports; ``None`` until the version is known."""
-        return self._capabilities
+    async def _connect(self) -> None:
+        pass  # connections open on demand, in _run
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        """The columns each INSERT names; empty until opened."""
-        return self._plan.columns if self._plan else ()
+    async def _fetch(self, sql: str) -> list[tuple[Any, ...]]:
+        return await self._run(sql)
 
-    async def open(self) -> None:
-        """Detect the version, create the table if asked to, and learn its columns.
+    async def _execute(self, sql: str) -> None:
+        await self._run(sql)
 
-        Safe to call again: an open sink returns at once, and ``insert``
-        calls it when an earlier ``open`` failed (the server was down).
-
-        :raises ConfigError: the table does not fit the events, or the server
-            refused the configuration (unknown database, credentials)
-        :raises TransientSinkError: the server cannot be reached
-        """
-        async with self._open_lock:
-            if self._plan is not None:
-                return
-            table = self._settings.table
-            try:
-                caps = await self.fetch_capabilities()
-                if self._create_table:
-                    await self._run(events_ddl(table, caps))
-                described = await self._run(f"DESCRIBE TABLE `{table}`")
-            except PermanentSinkError as exc:
-                raise ConfigError(f"ClickHouse refused to set up table {table!r}: {exc}") from exc
-            plan = plan_rows(((row[0], row[1], row[2]) for row in described), table)
-            self._insert_sql = f"INSERT INTO `{table}` ({plan.column_list}) VALUES"
-            self._plan = plan
-
-    async def fetch_capabilities(self) -> Capabilities:
-        """Ask the server its version (once) and return what it supports.
-
-        :raises TransientSinkError: the server cannot be reached
-        """
-        if self._capabilities is None:
-            rows = await self._run("SELECT version()")
-            self._capabilities = Capabilities.for_version(str(rows[0][0]))
-            log.debug("ClickHouse %s: %s", rows[0][0], self._capabilities)
-        return self._capabilities
-
-    async def insert(self, events: Sequence[Event], token: str) -> None:
-        """Insert ``events`` as one INSERT identified by ``token``.
-
-        Opens the sink first if an earlier ``open`` failed.
-
-        :raises TransientSinkError: may be retried with the same token
-        :raises PermanentSinkError: the server refused the rows
-        """
-        if not events:
-            return
-        if self._plan is None:
-            await open_late(self.open)
-        assert self._plan is not None
-        assert self._capabilities is not None
-        rows = self._plan.rows(events)
-        settings = self._capabilities.insert_settings(token)
-        await self._run(self._insert_sql, rows, settings)
+    async def _insert_rows(
+        self, head: str, plan: RowPlan, settings: dict[str, int | str], events: Sequence[Event]
+    ) -> None:
+        await self._run(f"{head} VALUES", plan.rows(events), settings)
 
     async def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read query and return its rows (asynch's Python values).

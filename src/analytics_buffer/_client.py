@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Final, final
+from typing import Final, TypeVar, final
 
 import anyio
 import anyio.lowlevel
@@ -27,6 +27,8 @@ from ._supervisor import ChildSpec, Supervisor
 from ._writer import FlushReport, Writer
 
 __all__ = ("AnalyticsBuffer",)
+
+T = TypeVar("T")
 
 _CONTROL_MESSAGES: Final = 1024
 """Room in the EventBuffer's mailbox beyond ``max_buffered_events``, for calls and ticks."""
@@ -205,6 +207,7 @@ class AnalyticsBuffer:
         :raises BufferFull: when full and ``overflow`` is ``raise`` or ``block``
         :raises BufferClosed: when the buffer is not running
         """
+        # The body of _admit, inlined: a shared helper costs ~0.1 us per event here.
         if not self._running:
             raise BufferClosed("the buffer is not running: track inside 'async with'")
         try:
@@ -220,14 +223,7 @@ class AnalyticsBuffer:
         Same outcomes as :meth:`track`; malformed JSON or fields raise
         :class:`InvalidEvent`.
         """
-        if not self._running:
-            raise BufferClosed("the buffer is not running: track inside 'async with'")
-        try:
-            event, size = decode_event(raw, self._max_event_bytes)
-        except InvalidEvent:
-            self._counters.rejected += 1
-            raise
-        return self._accept(event, size)
+        return self._accept(*self._admit(decode_event, raw))
 
     async def put(self, event: Event) -> None:
         """Accept ``event``, waiting for room when the buffer is full.
@@ -239,13 +235,7 @@ class AnalyticsBuffer:
         :raises BufferFull: when no room came within ``put_timeout``
         :raises InvalidEvent: as for :meth:`track`
         """
-        if not self._running:
-            raise BufferClosed("the buffer is not running: put inside 'async with'")
-        try:
-            event, size = check_event(event, self._max_event_bytes)
-        except InvalidEvent:
-            self._counters.rejected += 1
-            raise
+        event, size = self._admit(check_event, event)
         capacity = self._capacity
         if capacity.fits(size) and self._enqueue(event, size):
             return
@@ -253,9 +243,8 @@ class AnalyticsBuffer:
             await capacity.wait_for_room(size)
             self._capacity.take(size)
             try:
-                await (self._sessions_ref if event.session_id else self._buffer_ref).send(
-                    (event, size)
-                )
+                actor = self._sessions_ref if event.session_id else self._buffer_ref
+                await actor.send((event, size))
             except BaseException:
                 self._capacity.give_back(1, size)
                 raise
@@ -292,6 +281,18 @@ class AnalyticsBuffer:
         """Return a snapshot of the counters."""
         return self._counters.snapshot()
 
+    def _admit(
+        self, validate: Callable[[T, int], tuple[Event, int]], value: T
+    ) -> tuple[Event, int]:
+        """Validate what a caller offers; count and re-raise what is invalid."""
+        if not self._running:
+            raise BufferClosed("the buffer is not running: track inside 'async with'")
+        try:
+            return validate(value, self._max_event_bytes)
+        except InvalidEvent:
+            self._counters.rejected += 1
+            raise
+
     def _accept(self, event: Event, size: int) -> bool:
         # Capacity.fits, inlined: this runs once per tracked event.
         counters = self._counters
@@ -304,13 +305,10 @@ class AnalyticsBuffer:
         return self._overflow()
 
     def _enqueue(self, event: Event, size: int) -> bool:
-        """Hand the event to its actor if that actor's mailbox has room.
-
-        Events of a session go to the SessionActor (pairing, activity,
-        inheritance); the others straight to the EventBuffer.
-        """
+        """Hand the event to its actor if that actor's mailbox has room."""
         self._capacity.take(size)
         try:
+            # Events of a session go through the SessionActor, the others straight on.
             (self._sessions_ref if event.session_id else self._buffer_ref).cast((event, size))
         except MailboxFull:
             self._capacity.give_back(1, size)

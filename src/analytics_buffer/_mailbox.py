@@ -108,10 +108,6 @@ class Mailbox(Generic[T]):
             pass
         return taken
 
-    def close(self) -> None:
-        """Refuse further sends; what is queued can still be drained."""
-        self._send.close()
-
     def release(self) -> None:
         """Close both ends; the mailbox is finished."""
         self._send.close()

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final, TypeVar, final
 
 import anyio.lowlevel
@@ -119,7 +119,7 @@ class SessionActor(Actor):
     async def init(self) -> None:
         self._timer = self.send_after(self._settings.session_interval, _CYCLE)
 
-    async def handle_casts(self, messages: list[object]) -> None:
+    async def handle_casts(self, messages: Iterator[object]) -> None:
         for message in messages:
             if type(message) is tuple:
                 self._arrived.append(message)

@@ -16,13 +16,12 @@ same token, so a server that deduplicates by token stores it once.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ._event import Event
-from ._exceptions import ConfigError, PermanentSinkError
 
-__all__ = ("Sink", "open_late")
+__all__ = ("Sink",)
 
 
 class Sink(Protocol):
@@ -47,16 +46,3 @@ class Sink(Protocol):
 
     async def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read query and return its rows (for counting back, tests and the CLI)."""
-
-
-async def open_late(open_sink: Callable[[], Awaitable[None]]) -> None:
-    """Open a sink at its first insert, because the server was down at start.
-
-    A table found unusable then refuses the insert for good, so the
-    ``ConfigError`` becomes a :class:`PermanentSinkError` (an insert raises
-    only sink errors).
-    """
-    try:
-        await open_sink()
-    except ConfigError as exc:
-        raise PermanentSinkError(str(exc)) from exc

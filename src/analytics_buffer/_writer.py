@@ -25,7 +25,7 @@ deadline, what it still holds is dead-lettered synchronously.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, final
 
 import anyio
@@ -172,18 +172,14 @@ class Writer(Actor):
             # A server that is down now is retried at the first write.
             log.warning("ClickHouse is unreachable at start (%s); will retry when writing", exc)
 
-    async def handle_casts(self, messages: list[object]) -> None:
-        for index, message in enumerate(messages):
-            if not isinstance(message, WriteBatch):
-                log.warning("writer: dropped unknown cast %r", message)
-                continue
-            self._current = message
-            try:
+    async def handle_casts(self, messages: Iterator[object]) -> None:
+        for message in messages:
+            if isinstance(message, WriteBatch):
+                # After a crash, terminate settles this batch; the runtime keeps the rest.
+                self._current = message
                 await self._write(message)
-            except BaseException:
-                # This batch is terminate's to settle; the ones behind it wait for the restart.
-                self.ref.mailbox.carry_over(messages[index + 1 :])
-                raise
+            else:
+                log.warning("writer: dropped unknown cast %r", message)
 
     async def terminate(self, reason: BaseException | None) -> None:
         held = [self._current] if self._current is not None else []
