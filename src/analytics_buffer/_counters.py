@@ -70,8 +70,8 @@ def parse_field(field: str) -> Bucket:
     """
     head, _, rest = field.partition("|")
     length, _, rest = rest.partition(":")
-    size = int(length)
-    if head[:1] not in _PERIOD or rest[size : size + 1] != "|":
+    size = int(length) if length.isdigit() else -1
+    if head[:1] not in _PERIOD or not head[1:].isdigit() or rest[size : size + 1] != "|":
         raise ValueError(f"not a counter field: {field!r}")
     return Bucket(rest[:size], rest[size + 1 :], _PERIOD[head[0]], int(head[1:]))
 
