@@ -63,12 +63,15 @@ async def test_applies_add_up_and_a_repeated_seq_counts_once(store: CounterStore
 
 async def test_a_visitor_counts_until_exactly_the_window_edge(store: CounterStore) -> None:
     await apply(store, {}, {"p1": {"u1": NOW - 10, "u2": NOW - 1}, "p2": {"u1": NOW}}, seq=1)
-    assert await store.active_visitors("p1", NOW - WINDOW) == 2
-    assert await store.active_visitors("p2", NOW - WINDOW) == 1
-    assert await store.active_visitors("p3", NOW - WINDOW) == 0
-    # At since == last seen the profile no longer counts (the edge is exclusive).
-    assert await store.active_visitors("p1", NOW - 10) == 1
-    assert await store.active_visitors("p1", NOW - 1) == 0
+    assert await store.active_visitors("p1", NOW - WINDOW, NOW) == 2
+    assert await store.active_visitors("p2", NOW - WINDOW, NOW) == 1
+    assert await store.active_visitors("p3", NOW - WINDOW, NOW) == 0
+    # At since == last seen the profile no longer counts (the edge is exclusive)...
+    assert await store.active_visitors("p1", NOW - 10, NOW) == 1
+    assert await store.active_visitors("p1", NOW - 1, NOW) == 0
+    # ... and one dated after until does not count yet.
+    assert await store.active_visitors("p1", NOW - WINDOW, NOW - 2) == 1
+    assert await store.active_visitors("p1", NOW - WINDOW, NOW - 1) == 2
 
 
 async def test_a_visitor_time_only_moves_forward_and_old_ones_are_forgotten(
@@ -76,10 +79,10 @@ async def test_a_visitor_time_only_moves_forward_and_old_ones_are_forgotten(
 ) -> None:
     await apply(store, {}, {"p1": {"u1": NOW}}, seq=1)
     await apply(store, {}, {"p1": {"u1": NOW - 100}}, seq=2)  # a late, older event
-    assert await store.active_visitors("p1", NOW - 1) == 1
+    assert await store.active_visitors("p1", NOW - 1, NOW) == 1
     later = NOW + WINDOW + 5
     await apply(store, {}, {"p1": {"u2": later}}, seq=3, now=later)
-    assert await store.active_visitors("p1", float("-inf")) == 1  # u1 was pruned
+    assert await store.active_visitors("p1", float("-inf"), later) == 1  # u1 was pruned
 
 
 async def test_stage_moves_the_live_counters_and_increments_go_on_for_the_next(

@@ -186,8 +186,9 @@ class CounterActor(Actor):
             reply.send(await self._read(message))
         elif isinstance(message, ActiveVisitors):
             await self._tick(strict=True)
-            since = self._wall_clock() - self._settings.live_window
-            reply.send(await self._store.active_visitors(message.project_id, since))
+            now = self._wall_clock()
+            since = now - self._settings.live_window
+            reply.send(await self._store.active_visitors(message.project_id, since, now))
         elif message is COUNTER_FLUSH:
             await self._tick(strict=True)
             reply.send(None)

@@ -71,8 +71,12 @@ class CounterStore(Protocol):
         ``(writer, seq)`` (or a lower ``seq``) changes nothing.
         """
 
-    async def active_visitors(self, project_id: str, since: float) -> int:
-        """Profiles of ``project_id`` last seen after ``since``."""
+    async def active_visitors(self, project_id: str, since: float, until: float) -> int:
+        """Profiles of ``project_id`` last seen after ``since`` and at or before ``until``.
+
+        A profile whose latest event is dated after ``until`` (a client clock
+        running ahead) counts once its time has come.
+        """
 
     async def stage(self, rollup_id: str) -> Staged | None:
         """Return the staged rollup, staging the live counters as ``rollup_id`` if none is.
@@ -136,9 +140,9 @@ class MemoryCounterStore:
             for profile in [p for p, at in visitors.items() if at <= cutoff]:
                 del visitors[profile]
 
-    async def active_visitors(self, project_id: str, since: float) -> int:
+    async def active_visitors(self, project_id: str, since: float, until: float) -> int:
         visitors = self._visitors.get(project_id, {})
-        return sum(1 for at in visitors.values() if at > since)
+        return sum(1 for at in visitors.values() if since < at <= until)
 
     async def stage(self, rollup_id: str) -> Staged | None:
         if self._staged is None and self._live:

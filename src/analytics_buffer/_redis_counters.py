@@ -186,10 +186,14 @@ class RedisCounterStore:
                 if isinstance(reply, Exception):
                     raise reply
 
-    async def active_visitors(self, project_id: str, since: float) -> int:
-        """:raises StoreUnavailable: Redis cannot be reached"""
+    async def active_visitors(self, project_id: str, since: float, until: float) -> int:
+        """One ``ZCOUNT``.
+
+        :raises StoreUnavailable: Redis cannot be reached
+        """
+        key = self.visitors_key(project_id)
         with map_exceptions("active visitors"):
-            count = await self._redis.zcount(self.visitors_key(project_id), f"({since!r}", "+inf")
+            count = await self._redis.zcount(key, f"({since!r}", repr(until))
         return int(count)
 
     async def stage(self, rollup_id: str) -> Staged | None:
