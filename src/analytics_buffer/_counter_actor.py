@@ -29,7 +29,9 @@ hour), not with events, and visitors are dropped from memory once outside
 the live window. When the counters held pass ``max_counter_keys``, and at
 each rollup while degraded, they are rolled up from memory straight into
 ClickHouse under an identity of their own; nothing is lost and nothing is
-counted twice. (Visitors are live state only: they wait for the store.)
+counted twice. Two things wait for the store instead: visitors (live state
+only), and the one apply that was on its way when the store went away (it
+may have landed, so only sending it again under its sequence number is safe).
 
 On a stop, what the actor holds goes to the store. The in-memory store dies
 with the process, so it is then rolled up into ClickHouse entirely; a

@@ -142,7 +142,8 @@ class SinkRollups:
         self._caps: Capabilities | None = None
         self._lock = anyio.Lock()
 
-    async def _prepare(self) -> Capabilities:
+    async def prepare(self) -> Capabilities:
+        """Create the table (``IF NOT EXISTS``) once; return the server's capabilities."""
         async with self._lock:
             if self._caps is None:
                 rows = await self._sink.query("SELECT version()")
@@ -152,7 +153,7 @@ class SinkRollups:
         return self._caps
 
     async def write(self, rollup: Staged) -> None:
-        await self._prepare()
+        await self.prepare()
         fields = sorted(field for field, count in rollup.counts.items() if count)
         head = f"INSERT INTO `{self._table}` ({_COLUMNS})"
         for chunk, first in enumerate(range(0, len(fields), ROLLUP_CHUNK_ROWS)):
@@ -165,7 +166,7 @@ class SinkRollups:
     async def totals(
         self, project_id: str, name: str, start: int, end: int, exclude: Collection[str]
     ) -> dict[str, int]:
-        await self._prepare()
+        await self.prepare()
         skip = ""
         if exclude:
             skip = f" AND rollup_id NOT IN ({', '.join(map(_literal, sorted(exclude)))})"
