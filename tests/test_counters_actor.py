@@ -10,7 +10,7 @@ created at ``WALL0 + x`` are seen ``x`` seconds after the start.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -20,7 +20,6 @@ import pytest
 from trio.testing import MockClock
 
 from analytics_buffer import AnalyticsBuffer, Event, Settings, StoreUnavailable
-from analytics_buffer import _clock as clock_module
 from analytics_buffer._counter_store import MemoryCounterStore, Snapshot, Staged
 from memory_rollups import MemoryRollups
 from memory_sink import MemorySink
@@ -92,7 +91,7 @@ class CountingStore:
 @pytest.fixture
 def pinned_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     """The buffer's wall clock reads WALL0 at its start (and then moves with the loop)."""
-    monkeypatch.setattr(clock_module.time, "time", lambda: WALL0 + 0.0)
+    monkeypatch.setattr("analytics_buffer._clock.time.time", lambda: WALL0 + 0.0)
 
 
 def make_buffer(
@@ -113,9 +112,9 @@ def make_buffer(
 
 
 @pytest.fixture
-async def started_at(pinned_wall_clock: None) -> AsyncIterator[float]:
-    # The wall clock is WALL0 + (loop time - this).
-    yield anyio.current_time()
+async def started_at(pinned_wall_clock: None) -> float:
+    """The loop time at which the wall clock reads WALL0."""
+    return anyio.current_time()
 
 
 async def sleep_until(start: float, seconds: float) -> None:
@@ -281,7 +280,7 @@ async def test_bad_read_arguments_are_refused_with_a_clear_error(
 ) -> None:
     async with make_buffer(tmp_path, MemoryRollups()) as buffer:
         with pytest.raises(TypeError, match=r"datetime\.date, got a datetime"):
-            await buffer.count("p1", "signup", datetime(2024, 5, 1, tzinfo=UTC))  # type: ignore[arg-type]
+            await buffer.count("p1", "signup", datetime(2024, 5, 1, tzinfo=UTC))
         with pytest.raises(TypeError, match="day must be"):
             await buffer.hourly_counts("p1", "signup", "2024-05-01")  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="name must be a non-empty string"):

@@ -10,7 +10,7 @@ the servers are bounded (``anyio.fail_after``) and event-driven or polls of
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -57,9 +57,13 @@ async def rollup(buffer: AnalyticsBuffer) -> int:
 
 
 async def wait_for(condition: Any, what: str) -> None:
-    with anyio.fail_after(20):
-        while not condition():
-            await anyio.sleep(0.02)
+    """Poll ``condition`` (on ``stats()``) every 20 ms for at most 20 s."""
+    try:
+        with anyio.fail_after(20):
+            while not condition():  # noqa: ASYNC110 (a counter has no event to wait on)
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
 
 
 # -- rollups on each engine ---------------------------------------------------------------
@@ -75,7 +79,7 @@ async def rollups(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     try:
         yield SinkRollups(sink, "events_counters")
     finally:
-        await sink.aclose()  # type: ignore[attr-defined]
+        await sink.aclose()
 
 
 async def test_a_rollup_written_twice_counts_once_and_a_staged_one_can_be_left_out(

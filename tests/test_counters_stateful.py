@@ -160,7 +160,8 @@ class CountersMachine(RuleBasedStateMachine):
         self._lifetime, _ = self.portal.start_task(lifetime)
 
     def stop(self) -> None:
-        assert self._stop is not None and self._lifetime is not None
+        assert self._stop is not None
+        assert self._lifetime is not None
         self.portal.call(self._stop.set)
         self._lifetime.result(timeout=60)
 
@@ -175,8 +176,8 @@ class CountersMachine(RuleBasedStateMachine):
     def wait_for_restart(self, restarts: int) -> None:
         async def wait() -> None:
             with anyio.fail_after(30):
-                while self.the_buffer().stats().restarts <= restarts:
-                    await anyio.sleep(0.005)
+                while self.the_buffer().stats().restarts <= restarts:  # noqa: ASYNC110
+                    await anyio.sleep(0.005)  # (a counter has no event to wait on)
 
         self.portal.call(wait)
 

@@ -172,7 +172,8 @@ async def _run_demo(args: argparse.Namespace) -> int:
     settings = settings_from(args, **overrides)
     summary = await run_demo(settings, args.events, progress=None if args.json else sys.stderr)
     print(msgspec.json.encode(summary).decode() if args.json else format_summary(summary))
-    return 0 if summary.written + summary.dead_lettered >= summary.accepted else 1
+    stored = summary.written + summary.dead_lettered >= summary.accepted
+    return 0 if stored and summary.counted_events == summary.accepted else 1
 
 
 register(
