@@ -205,6 +205,11 @@ class CounterActor(Actor):
         if reason is not None:
             return  # the state outlives this instance; the next one carries on
         await self._tick(strict=False)
+        state = self._state
+        if state.tally or state.inflight is not None:
+            # The store is unreachable: like buffered events, these die with the process.
+            held = state.tally.keys_held() + (state.inflight.keys_held() if state.inflight else 0)
+            log.error("counter store unreachable at shutdown: %d counters and visitors lost", held)
         if isinstance(self._store, MemoryCounterStore) and self._rollups is not None:
             # Its counters die with the process: roll up everything now.
             while await self._rollup():
