@@ -177,9 +177,10 @@ class CounterActor(Actor):
                 self._timers[1] = self.send_after(self._settings.rollup_interval, _ROLLUP)
         elif message is _RESUME:
             # A half-done rollup (left by a crash) is finished before anything else.
-            _, staged = await self._guard(self._store.staged())
-            if staged is not None:
-                await self._finish(staged)
+            if self._rollups is not None:
+                _, staged = await self._guard(self._store.staged())
+                if staged is not None:
+                    await self._finish(staged)
         else:
             await super().handle_info(message)
 
@@ -224,14 +225,21 @@ class CounterActor(Actor):
     async def _absorb(self) -> None:
         """Count the events that arrived, a slice at a time."""
         state = self._state
-        arrived = state.arrived
-        while arrived:
-            taken = arrived[:_SLICE]
-            del arrived[:_SLICE]
-            state.tally.add(taken)
-            self._counters.counted += len(taken)
-            if arrived:
-                await anyio.lowlevel.checkpoint()
+        arrived = state.arrived  # the client's list: emptied, never replaced
+        batch = arrived.copy()
+        arrived.clear()
+        done = 0
+        try:
+            while done < len(batch):
+                taken = batch[done : done + _SLICE]
+                state.tally.add(taken)
+                done += len(taken)
+                self._counters.counted += len(taken)
+                if done < len(batch):
+                    await anyio.lowlevel.checkpoint()
+        finally:
+            # Cancelled between slices: the rest waits for the next instance.
+            arrived[:0] = batch[done:]
 
     async def _tick(self, *, strict: bool) -> None:
         """Count what arrived and apply it to the store.
