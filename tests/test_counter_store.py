@@ -16,6 +16,7 @@ from analytics_buffer._counter_store import CounterStore, MemoryCounterStore
 from analytics_buffer._exceptions import StoreUnavailable
 from analytics_buffer._redis_counters import RedisCounterStore
 from analytics_buffer.testing import RedisServer
+from test_session_store import cluster_redis as cluster_redis  # a module-scoped fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -167,5 +168,27 @@ async def test_an_unreachable_redis_is_store_unavailable(private_redis: RedisSer
             await store.snapshot([A])
         with pytest.raises(StoreUnavailable):
             await store.stage("r1")
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.integration
+async def test_every_script_and_command_stays_in_one_slot_on_a_cluster(
+    cluster_redis: RedisServer,
+) -> None:
+    # The scripts' #!lua flags make a cluster node refuse any key outside the slot
+    # of their first key: the whole life of a rollup runs without a refusal.
+    store = RedisCounterStore(cluster_redis.url)
+    try:
+        await apply(store, {A: 2}, {"p1": {"u1": NOW}}, seq=1)
+        staged = await store.stage("r1")
+        assert staged is not None
+        assert staged.counts == {A: 2}
+        await apply(store, {A: 1}, seq=2)
+        assert (await store.snapshot([A])).counts == {A: 3}
+        assert await store.staged() == staged
+        assert await store.unstage("r1")
+        assert await store.active_visitors("p1", NOW - WINDOW, NOW) == 1
+        assert await store.epoch() == 1
     finally:
         await store.aclose()
