@@ -76,6 +76,8 @@ def demo_summary(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     assert summary["events_per_s"] == pytest.approx(EVENTS / summary["seconds"], rel=0.01)
     assert summary["sessions_ended"] > 0
     assert summary["screen_views_with_duration"] > 0
+    assert summary["counted_events"] == summary["accepted"]
+    assert 0 < summary["active_visitors"] <= summary["accepted"]
     return summary
 
 

@@ -132,6 +132,23 @@ class ChdbSink(TableSink):
             f"{head} SETTINGS {literals} FORMAT JSONCompactEachRow\n{body.decode()}"
         )
 
+    async def insert_tuples(self, head: str, rows: list[tuple[Any, ...]], token: str) -> None:
+        """Insert ``rows`` through ``head`` (``INSERT INTO t (columns)``) as one INSERT.
+
+        For tables other than the events table (the counters' rollups);
+        values are sent as JSON, ``token`` is the insert's deduplication identity.
+
+        :raises TransientSinkError: may be retried with the same token
+        :raises PermanentSinkError: the engine refused the rows
+        """
+        await self._connect()
+        settings = (await self.fetch_capabilities()).insert_settings(token)
+        literals = ", ".join(f"{name}={_sql_literal(value)}" for name, value in settings.items())
+        body = _encoder.encode_lines(rows)
+        await self._execute(
+            f"{head} SETTINGS {literals} FORMAT JSONCompactEachRow\n{body.decode()}"
+        )
+
     async def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read query; rows hold JSON values (numbers, strings, lists, dicts).
 

@@ -23,6 +23,7 @@ import anyio
 import msgspec
 
 from ._exceptions import AnalyticsBufferError, ConfigError
+from ._rollup import counters_ddl, counters_table
 from ._schema import Capabilities, events_ddl
 from ._settings import Settings
 
@@ -116,9 +117,25 @@ async def _run_schema(args: argparse.Namespace) -> int:
     engine = "ClickHouse" if settings.clickhouse_url else "chdb (embedded ClickHouse)"
     print(f"-- the events table for {engine} {caps.version}")
     print(f"{events_ddl(settings.table, caps)};")
+    counters = counters_table(settings.table)
+    print(f"-- the counters' rollups (see README, Counters)\n{counters_ddl(counters, caps)};")
     if args.apply:
+        await _apply_counters(settings, counters)
         print(f"-- applied: table {settings.table!r} exists and fits the events", file=sys.stderr)
+        print(f"-- applied: table {counters!r} exists", file=sys.stderr)
     return 0
+
+
+async def _apply_counters(settings: Settings, table: str) -> None:
+    from ._engines import create_sink
+    from ._rollup import SinkRollups, TupleSink
+
+    sink = create_sink(settings)
+    try:
+        assert isinstance(sink, TupleSink)
+        await SinkRollups(sink, table).prepare()
+    finally:
+        await sink.aclose()
 
 
 register(
@@ -155,7 +172,8 @@ async def _run_demo(args: argparse.Namespace) -> int:
     settings = settings_from(args, **overrides)
     summary = await run_demo(settings, args.events, progress=None if args.json else sys.stderr)
     print(msgspec.json.encode(summary).decode() if args.json else format_summary(summary))
-    return 0 if summary.written + summary.dead_lettered >= summary.accepted else 1
+    stored = summary.written + summary.dead_lettered >= summary.accepted
+    return 0 if stored and summary.counted_events == summary.accepted else 1
 
 
 register(

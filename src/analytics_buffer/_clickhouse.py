@@ -202,6 +202,18 @@ class ClickHouseSink(TableSink):
     ) -> None:
         await self._run(f"{head} VALUES", plan.rows(events), settings)
 
+    async def insert_tuples(self, head: str, rows: list[tuple[Any, ...]], token: str) -> None:
+        """Insert ``rows`` through ``head`` (``INSERT INTO t (columns)``) as one INSERT.
+
+        For tables other than the events table (the counters' rollups);
+        ``token`` is the insert's deduplication identity, as in :meth:`insert`.
+
+        :raises TransientSinkError: may be retried with the same token
+        :raises PermanentSinkError: the server refused the rows
+        """
+        caps = await self.fetch_capabilities()
+        await self._run(f"{head} VALUES", rows, caps.insert_settings(token))
+
     async def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read query and return its rows (asynch's Python values).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Callable
+from datetime import date, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Final, TypeVar, final
@@ -15,9 +16,12 @@ import anyio.lowlevel
 from ._buffer import FLUSH, FLUSH_SOON, EventBuffer
 from ._capacity import Capacity
 from ._clock import WallClock
+from ._counter_actor import ActiveVisitors, CounterActor, CounterState, CountRead
+from ._counter_store import CounterStore, MemoryCounterStore
 from ._deadletter import DeadLetters
 from ._event import Event, check_event, decode_event, new_event_id
 from ._exceptions import BufferClosed, BufferFull, InvalidEvent, MailboxFull
+from ._rollup import RollupTarget, SinkRollups, TupleSink, counters_table
 from ._session_actor import SESSION_FLUSH, LastScreenView, SessionActor
 from ._session_store import MemorySessionStore, SessionStore
 from ._settings import Settings
@@ -33,6 +37,7 @@ T = TypeVar("T")
 _CONTROL_MESSAGES: Final = 1024
 """Room in the EventBuffer's mailbox beyond ``max_buffered_events``, for calls and ticks."""
 _WRITER_MAILBOX: Final = 64
+_COUNTER_MAILBOX: Final = 256
 
 
 @final
@@ -55,6 +60,11 @@ class AnalyticsBuffer:
     :param session_store: where session state lives; defaults to Redis
         (``redis_url``) or this process's memory
     :param on_flush: called after each batch with what became of it
+    :param counter_store: where counters and live visitors live; defaults to
+        Redis (``redis_url``) or this process's memory
+    :param rollups: where counters are rolled up; defaults to a counters
+        table next to the events table when the sink is ClickHouse or chdb
+        (with another sink and no ``rollups``, counters stay in the store)
     """
 
     def __init__(
@@ -64,12 +74,19 @@ class AnalyticsBuffer:
         sink: Sink | None = None,
         session_store: SessionStore | None = None,
         on_flush: Callable[[FlushReport], None] | None = None,
+        counter_store: CounterStore | None = None,
+        rollups: RollupTarget | None = None,
     ) -> None:
         self.settings = settings if settings is not None else Settings.from_env()
         self._sink = sink
         self._session_store = session_store
         self._session_arrivals: list[tuple[Event, int]] = []
         self._on_flush = on_flush
+        self._counter_store = counter_store
+        self._rollups = rollups
+        self._counter_state = CounterState()
+        # Every accepted event is appended here; the CounterActor takes them in bulk.
+        self._counted = self._counter_state.arrived
         self._counters = Counters()
         self._capacity = Capacity(
             self._counters, self.settings.max_buffered_events, self.settings.max_buffered_bytes
@@ -95,6 +112,12 @@ class AnalyticsBuffer:
         if self._session_store is None:
             self._session_store = _create_session_store(settings)
         store = self._session_store
+        if self._counter_store is None:
+            self._counter_store = _create_counter_store(settings)
+        counter_store = self._counter_store
+        if self._rollups is None:
+            self._rollups = _rollups_for(sink, settings)
+        rollups = self._rollups
         wall_clock = WallClock()
         dead_letters = DeadLetters(Path(settings.data_dir) / "dead-letter", settings.table)
         prefix = new_event_id().hex[:16]
@@ -136,6 +159,17 @@ class AnalyticsBuffer:
                 arrived=self._session_arrivals,
             )
 
+        def make_counters() -> CounterActor:
+            return CounterActor(
+                settings=settings,
+                store=counter_store,
+                rollups=rollups,
+                state=self._counter_state,
+                counters=self._counters,
+                wall_clock=wall_clock,
+                owner=prefix,
+            )
+
         self._supervisor = Supervisor(
             [
                 ChildSpec(
@@ -156,6 +190,12 @@ class AnalyticsBuffer:
                     shutdown=settings.shutdown_timeout,
                     mailbox_size=settings.max_buffered_events + _CONTROL_MESSAGES,
                 ),
+                ChildSpec(
+                    "counters",
+                    make_counters,
+                    shutdown=settings.shutdown_timeout,
+                    mailbox_size=_COUNTER_MAILBOX,
+                ),
             ],
             max_restarts=settings.max_restarts,
             max_seconds=settings.max_seconds,
@@ -167,9 +207,11 @@ class AnalyticsBuffer:
             with anyio.CancelScope(shield=True):
                 await sink.aclose()
                 await store.aclose()
+                await counter_store.aclose()
             raise
         self._buffer_ref = self._supervisor.ref("event_buffer")
         self._sessions_ref = self._supervisor.ref("sessions")
+        self._counters_ref = self._supervisor.ref("counters")
         self._running = True
         return self
 
@@ -189,6 +231,8 @@ class AnalyticsBuffer:
                 await self._sink.aclose()
                 if self._session_store is not None:
                     await self._session_store.aclose()
+                if self._counter_store is not None:
+                    await self._counter_store.aclose()
 
     def __del__(self) -> None:
         if self._running:
@@ -249,6 +293,7 @@ class AnalyticsBuffer:
                 self._capacity.give_back(1, size)
                 raise
             self._counters.accepted += 1
+            self._counted.append(event)
             return
         raise BufferFull(f"no room for the event within put_timeout={self.settings.put_timeout} s")
 
@@ -273,6 +318,39 @@ class AnalyticsBuffer:
         )
         return event
 
+    async def active_visitors(self, project_id: str) -> int:
+        """Return how many profiles of ``project_id`` were seen within ``live_window``.
+
+        A profile is seen at the ``created_at`` of its events; it counts while
+        that is less than ``live_window`` seconds before now (on the buffer's
+        clock), so exactly at the window's edge it no longer does.
+
+        :raises StoreUnavailable: the counter store (Redis) cannot be reached
+        """
+        _check_text("project_id", project_id)
+        visitors: int = await self._counters_ref.call(ActiveVisitors(project_id), timeout=None)
+        return visitors
+
+    async def count(self, project_id: str, name: str, day: date) -> int:
+        """Return how many accepted events of ``(project_id, name)`` were created on UTC ``day``.
+
+        Exact at every moment: rolled-up counts (ClickHouse) plus those not
+        yet rolled up (the store, and this instance's memory).
+
+        :raises StoreUnavailable: the counter store (Redis) cannot be reached
+        :raises SinkError: ClickHouse cannot be read
+        """
+        counts = await self._read_counts(project_id, name, day)
+        return counts[0]
+
+    async def hourly_counts(self, project_id: str, name: str, day: date) -> dict[int, int]:
+        """Return the counts of ``(project_id, name)`` for each UTC hour (0-23) of ``day``.
+
+        As exact as :meth:`count`, whose value is their sum.
+        """
+        counts = await self._read_counts(project_id, name, day)
+        return dict(enumerate(counts[1:]))
+
     def flush_async(self) -> None:
         """Ask for a flush now and return at once."""
         self._buffer_ref.cast(FLUSH_SOON)
@@ -280,6 +358,18 @@ class AnalyticsBuffer:
     def stats(self) -> Stats:
         """Return a snapshot of the counters."""
         return self._counters.snapshot()
+
+    async def _read_counts(self, project_id: str, name: str, day: date) -> list[int]:
+        """The day's count, then its 24 hours'."""
+        _check_text("project_id", project_id)
+        _check_text("name", name)
+        if type(day) is not date:
+            kind = "a datetime: pass its .date()" if isinstance(day, datetime) else type(day)
+            raise TypeError(f"day must be a datetime.date, got {kind}")
+        counts: dict[str, int] = await self._counters_ref.call(
+            CountRead(project_id, name, day), timeout=None
+        )
+        return list(counts.values())
 
     def _admit(
         self, validate: Callable[[T, int], tuple[Event, int]], value: T
@@ -314,6 +404,7 @@ class AnalyticsBuffer:
             self._capacity.give_back(1, size)
             return False
         self._counters.accepted += 1
+        self._counted.append(event)
         return True
 
     def _overflow(self) -> bool:
@@ -329,6 +420,28 @@ class AnalyticsBuffer:
 
     def _count_restart(self, child: str, reason: Exception) -> None:
         self._counters.restarts += 1
+
+
+def _check_text(what: str, value: object) -> None:
+    if type(value) is not str or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+
+
+def _create_counter_store(settings: Settings) -> CounterStore:
+    if settings.redis_url is None:
+        return MemoryCounterStore()
+    from ._redis_counters import RedisCounterStore
+
+    return RedisCounterStore(
+        settings.redis_url, prefix=settings.redis_prefix, retention=settings.counter_retention
+    )
+
+
+def _rollups_for(sink: Sink, settings: Settings) -> RollupTarget | None:
+    """The counters table next to the events table, when the sink is one of ours."""
+    if not isinstance(sink, TupleSink):
+        return None
+    return SinkRollups(sink, counters_table(settings.table))
 
 
 def _create_session_store(settings: Settings) -> SessionStore:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Final, TextIO
 
 import anyio
@@ -56,6 +56,11 @@ class DemoSummary(msgspec.Struct, frozen=True, kw_only=True):
     """session_end rows in ClickHouse."""
     screen_views_with_duration: int
     """screen_view rows in ClickHouse with a duration above 0."""
+    active_visitors: int
+    """Live visitors of the demo's projects at the end, summed over projects."""
+    counted_events: int
+    """The counters of the demo's events summed over projects, names and days
+    (read back with ``count``): equals ``accepted``."""
 
 
 def synthetic_events(count: int, run_id: str, *, seed: int = 7) -> Iterator[Event]:
@@ -69,7 +74,8 @@ def synthetic_events(count: int, run_id: str, *, seed: int = 7) -> Iterator[Even
     rng = random.Random(seed)
     names = [name for name, _ in _NAMES]
     weights = [weight for _, weight in _NAMES]
-    clock = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    # Events are ~2 ms apart: the last ones are a few seconds old, so they count as live.
+    clock = datetime.now(UTC).replace(microsecond=0) - timedelta(milliseconds=2 * count + 5000)
     open_sessions = [_new_session(rng, run_id, n) for n in range(max(1, min(2000, count // 20)))]
     started = len(open_sessions)
     for produced in range(count):
@@ -152,9 +158,13 @@ async def run_demo(
     """Track ``events`` synthetic events, flush, and count them back."""
     run_id = new_event_id().hex[:8]
     bar = _Progress(events, progress) if progress is not None else None
+    projects: set[str] = set()
+    days: set[date] = set()
     async with AnalyticsBuffer(settings) as buffer:
         start = anyio.current_time()
         for done, event in enumerate(synthetic_events(events, run_id), 1):
+            projects.add(event.project_id)
+            days.add(event.created_at.date())
             # put waits for room instead of dropping when the writer is behind.
             await buffer.put(event)
             if done % 1000 == 0:
@@ -168,6 +178,13 @@ async def run_demo(
         if bar is not None:
             bar.update(events, stats.written)
             bar.close()
+        active = 0
+        counted = 0
+        for project in sorted(projects):
+            active += await buffer.active_visitors(project)
+            for name in (*(name for name, _ in _NAMES), "session_end"):
+                for day in sorted(days):
+                    counted += await buffer.count(project, name, day)
     written, distinct, ended, with_duration = await _count_back(settings, run_id)
     return DemoSummary(
         engine="clickhouse" if settings.clickhouse_url else "embedded (chdb)",
@@ -183,6 +200,8 @@ async def run_demo(
         events_per_s=round(stats.accepted / seconds, 1) if seconds > 0 else 0.0,
         sessions_ended=ended,
         screen_views_with_duration=with_duration,
+        active_visitors=active,
+        counted_events=counted,
     )
 
 
@@ -219,5 +238,7 @@ def format_summary(summary: DemoSummary) -> str:
         f"events/s        {summary.events_per_s}",
         f"sessions ended  {summary.sessions_ended}",
         f"screen views    {summary.screen_views_with_duration} with a duration",
+        f"live visitors   {summary.active_visitors}",
+        f"counted events  {summary.counted_events} (counters read back)",
     ]
     return "\n".join(lines)

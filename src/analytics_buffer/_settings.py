@@ -93,6 +93,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Ended sessions (and their Redis keys) are kept this long, so late
     events are recognised; then they are cleaned up."""
 
+    live_window: float = 300.0
+    """A profile counts as a live visitor of its project for this long after
+    the ``created_at`` of its latest event."""
+    counter_tick: float = 1.0
+    """How often counted events are written to the counter store (one round
+    trip to Redis per tick, whatever the number of events)."""
+    rollup_interval: float = 60.0
+    """How often the counters are rolled up into ClickHouse."""
+    counter_retention: float = 604_800.0
+    """Counters not yet rolled up live this long in Redis after their last
+    write (keep it far above any ClickHouse outage you expect)."""
+    max_counter_keys: int = 100_000
+    """Counters and visitors held in memory (while Redis is unreachable)
+    past which the counters are rolled up from memory straight into ClickHouse."""
+
     max_restarts: int = 3
     """A child may crash this often within ``max_seconds`` before the supervisor gives up."""
     max_seconds: float = 5.0
@@ -131,6 +146,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("live_window", "counter_tick", "rollup_interval", "counter_retention"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_counter_keys < 1:
+            raise ConfigError(f"max_counter_keys must be at least 1, got {self.max_counter_keys}")
         if self.retry_initial_backoff < 0 or self.retry_max_backoff < self.retry_initial_backoff:
             raise ConfigError("need 0 <= retry_initial_backoff <= retry_max_backoff")
         if self.max_restarts < 0:

@@ -46,6 +46,14 @@ class Stats(NamedTuple):
     """Whether the session store is unreachable (events wait in memory)."""
     stale_sessions_removed: int
     """Ended sessions forgotten after ``session_retention``."""
+    counted: int
+    """Accepted events added to the counters and live visitors."""
+    counter_rollups: int
+    """Rollups of the counters this instance wrote into ClickHouse."""
+    counters_degraded: bool
+    """Whether the counter store is unreachable (counts wait in memory)."""
+    counter_keys_held: int
+    """Counters and visitors held in this instance's memory, not yet in the store."""
 
 
 @final
@@ -56,6 +64,10 @@ class Counters:
         "accepted",
         "buffered",
         "buffered_bytes",
+        "counted",
+        "counter_keys_held",
+        "counter_rollups",
+        "counters_degraded",
         "dead_lettered",
         "dropped",
         "flushes",
@@ -86,6 +98,10 @@ class Counters:
         self.sessions_waiting = 0
         self.sessions_degraded = False
         self.stale_sessions_removed = 0
+        self.counted = 0
+        self.counter_rollups = 0
+        self.counters_degraded = False
+        self.counter_keys_held = 0
 
     def snapshot(self) -> Stats:
         """Return the counters as an immutable :class:`Stats`."""
@@ -105,4 +121,8 @@ class Counters:
             sessions_waiting=self.sessions_waiting,
             sessions_degraded=self.sessions_degraded,
             stale_sessions_removed=self.stale_sessions_removed,
+            counted=self.counted,
+            counter_rollups=self.counter_rollups,
+            counters_degraded=self.counters_degraded,
+            counter_keys_held=self.counter_keys_held,
         )
