@@ -39,15 +39,20 @@ asynch runs on asyncio only, so this sink needs anyio's asyncio backend.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, final
 
 import anyio
+import anyio.lowlevel
 import asynch
 from asynch.errors import ClickHouseException, ColumnException, NetworkError, ServerException
+from asynch.proto.block import ColumnOrientedBlock
+from asynch.proto.context import ExecuteContext
 from asynch.proto.utils.dsn import DSNError, parse_dsn
 
 from ._clickhouse_codes import PERMANENT_CODES, error_for_code
@@ -119,6 +124,61 @@ async def _close_quietly(connection: asynch.Connection) -> None:
         await connection.close()
 
 
+async def _insert_blocks(
+    connection: asynch.Connection,
+    sql: str,
+    settings: dict[str, int | str],
+    blocks: Iterable[list[list[Any]]],
+    sending: anyio.Lock,
+) -> None:
+    """Run the INSERT ``sql`` with ``blocks`` (lists of columns) as its data.
+
+    One INSERT makes one part on the server however many blocks it has (the
+    server squashes them), while the event loop gets a turn after every
+    block: a large INSERT is cheap for the server and never stalls the loop
+    for longer than one block takes to build and serialise. ``sending`` lets
+    one INSERT at a time send its blocks (the others wait for the server or
+    for their turn), so a turn of the loop holds at most one block.
+
+    asynch's public ``Cursor.execute`` takes rows only and serialises all of
+    an INSERT's blocks back to back, so this drives asynch's protocol
+    connection itself, step for step as its ``process_insert_query`` does.
+    Private asynch API (checked against asynch 0.4.0), used nowhere else;
+    ``tests/test_clickhouse_sink.py`` pins what it relies on.
+    """
+    # Untyped in asynch's stubs (or absent from them): typed as Any here, once.
+    protocol: Any = connection._connection
+    block: Callable[..., Any] = ColumnOrientedBlock
+    async with ExecuteContext(protocol, sql, settings):
+        await protocol.send_query(sql)
+        await protocol.send_external_tables(None)
+        sample = await protocol.receive_sample_block()
+        structure = sample.columns_with_types
+        try:
+            async with sending:
+                for columns in blocks:
+                    await protocol.send_block(block(columns_with_types=structure, data=columns))
+                    await anyio.lowlevel.checkpoint()
+                await protocol.send_block(block())  # an empty block ends the data
+        except BaseException:
+            # A server that sees the socket close mid-INSERT takes the blocks
+            # it has as the whole INSERT; a reset makes it drop them instead.
+            _reset(protocol.writer.writer)
+            raise
+        packet = await protocol._receive_packet()
+        if packet.exception:
+            raise packet.exception
+
+
+def _reset(stream: asyncio.StreamWriter) -> None:
+    """Close ``stream``'s socket with a TCP reset (no orderly end of data)."""
+    sock = stream.get_extra_info("socket")
+    if sock is not None:
+        with suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.transport.abort()
+
+
 @final
 class _Connections:
     """At most ``size`` asynch connections, opened on demand; a failed one is dropped."""
@@ -187,6 +247,7 @@ class ClickHouseSink(TableSink):
         super().__init__(settings, create_table=create_table)
         self._options = _connection_options(settings)
         self._pool: _Connections | None = None
+        self._sending = anyio.Lock()
 
     async def _connect(self) -> None:
         pass  # connections open on demand, in _run
@@ -200,7 +261,13 @@ class ClickHouseSink(TableSink):
     async def _insert_rows(
         self, head: str, plan: RowPlan, settings: dict[str, int | str], events: Sequence[Event]
     ) -> None:
-        await self._run(f"{head} VALUES", plan.rows(events), settings)
+        size = self._settings.insert_block_rows
+        # Built lazily: each block's columns are made just before it is sent.
+        blocks = (
+            plan.column_values(events[start : start + size])
+            for start in range(0, len(events), size)
+        )
+        await self._run(f"{head} VALUES", settings, blocks)
 
     async def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read query and return its rows (asynch's Python values).
@@ -220,21 +287,24 @@ class ClickHouseSink(TableSink):
     async def _run(
         self,
         sql: str,
-        rows: list[tuple[Any, ...]] | None = None,
         settings: dict[str, int | str] | None = None,
+        blocks: Iterable[list[list[Any]]] | None = None,
     ) -> list[tuple[Any, ...]]:
-        """Execute one statement on a pooled connection, within ``insert_timeout``."""
+        """Execute one statement on a pooled connection, within ``insert_timeout``.
+
+        With ``blocks``, ``sql`` is an INSERT and they are its data.
+        """
         started = False
         try:
             with anyio.fail_after(self._settings.insert_timeout):
                 async with self._connections().connection() as connection:
+                    started = True
+                    if blocks is not None:
+                        await _insert_blocks(connection, sql, settings or {}, blocks, self._sending)
+                        return []
                     cursor = connection.cursor()
                     if settings:
                         cursor.set_settings(settings)  # type: ignore[no-untyped-call]
-                    started = True
-                    if rows is not None:
-                        await cursor.execute(sql, rows)
-                        return []
                     await cursor.execute(sql)
                     return list(await cursor.fetchall())
         except Exception as exc:  # cancellation passes through unmapped
