@@ -180,7 +180,7 @@ async def test_a_failure_mid_insert_stores_nothing_of_the_chunk(clickhouse_url: 
         await sink.open()
         # Block 3 of 5 does not serialise: blocks 1-2 have reached the server by then.
         sent = events(50)
-        sent[25] = Event(name="click", project_id="p1", duration=2**40)  # type: ignore[call-arg]
+        sent[25] = Event(name="click", project_id="p1", duration=2**40)
         with pytest.raises(PermanentSinkError):
             await sink.insert(sent, "broken")
         assert await count(sink) == 0
