@@ -7,6 +7,15 @@ Each INSERT carries ``insert_deduplicate=1``, the chunk's
 ``insert_deduplication_token`` (22.2+) and ``async_insert=0`` (21.11+), and
 each attempt is bounded by ``insert_timeout``.
 
+Each chunk is one INSERT (the server makes one part of it) whose data goes
+as columns, in blocks of ``insert_block_rows`` with a turn of the event loop
+after each; one INSERT at a time sends its blocks. asynch's cursor offers
+neither columns nor turns, so :func:`_insert_blocks` drives its protocol
+connection, :func:`_send_block` writes ``String`` columns from a cache of
+their wire forms, and :func:`_reset` makes an interrupted INSERT store
+nothing: private asynch API (checked against asynch 0.4.0), kept to those
+three functions and pinned by ``tests/test_clickhouse_sink.py``.
+
 At most ``pool_size`` connections are open; a connection whose query
 failed or was interrupted (timeout, cancellation, a broken socket) is left
 half-way through the protocol, so it is closed and forgotten, never reused.
