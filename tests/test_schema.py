@@ -327,3 +327,21 @@ def test_properties_need_both_nested_arrays() -> None:
     columns = [c for c in OLD_COLUMNS if c.name != "properties.value"]
     with pytest.raises(ConfigError, match="no column for properties"):
         plan_rows(columns, "events")
+
+
+@pytest.mark.parametrize("columns", [MODERN_COLUMNS, OLD_COLUMNS], ids=["modern", "18.16"])
+def test_column_values_are_the_rows_transposed(columns: list[Column]) -> None:
+    plan = plan_rows(columns, "events")
+    sent = [
+        event(
+            created_at=datetime(2024, 5, 1, 12, 30, 45, ms * 1000, tzinfo=UTC),
+            profile_id=f"u{ms}",
+            duration=ms,
+            properties={"text": "x", "n": ms, "f": 0.5, "b": ms % 2 == 0} if ms % 3 else {},
+        )
+        for ms in range(7)
+    ]
+    values = plan.column_values(sent)
+    assert len(values) == len(plan.columns)
+    assert values == [list(column) for column in zip(*plan.rows(sent), strict=True)]
+    assert plan.column_values([]) == [[] for _ in plan.columns]

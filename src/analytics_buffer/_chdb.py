@@ -9,7 +9,8 @@ even if the caller is cancelled, so an INSERT is never left half-done.
 
 Rows are built by the same row function as the native sink (see
 :mod:`analytics_buffer._rows`, its ``json`` dialect) and sent as
-``JSONCompactEachRow`` with one reused msgspec encoder: ``created_at`` as
+``JSONCompactEachRow`` with one reused msgspec encoder, in the worker
+thread (a chunk of ``insert_chunk_rows`` would stall the event loop): ``created_at`` as
 seconds with a three-digit fraction (JSON reads a bare integer as seconds),
 UUIDs as text, dicts as maps.
 Each INSERT carries ``insert_deduplication_token`` (the table is created with
@@ -127,10 +128,13 @@ class ChdbSink(TableSink):
         self, head: str, plan: RowPlan, settings: dict[str, int | str], events: Sequence[Event]
     ) -> None:
         literals = ", ".join(f"{name}={_sql_literal(value)}" for name, value in settings.items())
-        body = _encoder.encode_lines(plan.rows(events))
-        await self._execute(
-            f"{head} SETTINGS {literals} FORMAT JSONCompactEachRow\n{body.decode()}"
-        )
+        prefix = f"{head} SETTINGS {literals} FORMAT JSONCompactEachRow\n"
+
+        def statement() -> str:
+            # Built in the worker thread: a whole chunk would stall the event loop.
+            return prefix + _encoder.encode_lines(plan.rows(events)).decode()
+
+        await self._query(statement)
 
     async def insert_tuples(self, head: str, rows: list[tuple[Any, ...]], token: str) -> None:
         """Insert ``rows`` through ``head`` (``INSERT INTO t (columns)``) as one INSERT.
@@ -174,12 +178,17 @@ class ChdbSink(TableSink):
     async def _execute(self, sql: str) -> None:
         await self._query(sql)
 
-    async def _query(self, sql: str, fmt: str = "CSV") -> bytes:
+    async def _query(self, sql: str | Callable[[], str], fmt: str = "CSV") -> bytes:
+        """Run ``sql`` (or the statement it builds, in the worker thread) in the session."""
         session = self._session
         if session is None:
             raise TransientSinkError("the chdb sink is closed")
+
+        def run() -> Any:
+            return session.query(sql if isinstance(sql, str) else sql(), fmt)
+
         try:
-            result = await self._call(session.query, sql, fmt)
+            result = await self._call(run)
         except RuntimeError as exc:  # chdb's ChdbError is a RuntimeError
             raise _sink_error(exc) from exc
         return bytes(result.bytes())

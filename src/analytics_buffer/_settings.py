@@ -59,9 +59,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_timeout: float = 10.0
     """Bound on the best-effort flush when the buffer stops."""
 
-    insert_chunk_rows: int = 2_000
-    """Rows per INSERT; the writer yields to the event loop between chunks,
-    so a smaller chunk means a shorter event-loop stall."""
+    insert_chunk_rows: int = 10_000
+    """Rows per INSERT, the unit that is retried, deduplicated and
+    dead-lettered; each INSERT makes one part on the server, so small ones
+    cost it dearly."""
+    insert_block_rows: int = 500
+    """Rows serialised at a time within an INSERT; the writer yields to the
+    event loop between blocks, so a smaller block means a shorter stall."""
     pool_size: int = 2
     """Connections kept to ClickHouse."""
     connect_timeout: float = 5.0
@@ -126,6 +130,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "max_buffered_bytes",
             "max_event_bytes",
             "insert_chunk_rows",
+            "insert_block_rows",
             "pool_size",
             "retry_attempts",
             "session_shards",

@@ -1,11 +1,13 @@
 """The Writer actor: inserts batches into the sink, retries, dead-letters.
 
 Batches are written one at a time, in the order they arrive, each in chunks
-of ``insert_chunk_rows`` rows, up to ``pool_size`` chunks at once: while one
-INSERT waits for the server the next is serialised, and the event loop
-never stalls for more than one chunk. A chunk's token is
-``<batch token>:<chunk index>``: the same chunk carries the same token on
-every attempt, which is what lets a server deduplicate a retried insert.
+of ``insert_chunk_rows`` rows (one INSERT each), up to ``pool_size`` chunks
+at once: while one INSERT waits for the server the next is serialised. The
+sink serialises a chunk in blocks of ``insert_block_rows`` and yields to the
+event loop between blocks, so the loop never stalls for a whole chunk. A
+chunk's token is ``<batch token>:<chunk index>``: the same chunk carries the
+same token on every attempt, which is what lets a server deduplicate a
+retried insert.
 
 Outcomes of a chunk:
 
