@@ -46,6 +46,24 @@ class Stats(NamedTuple):
     """Whether the session store is unreachable (events wait in memory)."""
     stale_sessions_removed: int
     """Ended sessions forgotten after ``session_retention``."""
+    # --- the disk outbox (filled in by AnalyticsBuffer.stats)
+    outbox_bytes: int = 0
+    """Size of the outbox's segment files on disk (an active log segment counts in full)."""
+    outbox_segments: int = 0
+    """Segment files in the outbox (the active one included)."""
+    outbox_oldest_age: float = 0.0
+    """Age in seconds of the oldest segment (0 when there is none)."""
+    outbox_spilled: int = 0
+    """Events moved to the outbox after their retries ran out (not dead-lettered)."""
+    outbox_replayed: int = 0
+    """Events replayed from the outbox (also counted in ``written``, or in
+    ``dead_lettered`` when ClickHouse refused them), this run's and earlier runs'."""
+    outbox_quarantined: int = 0
+    """Outbox records that failed their checks, moved to ``quarantine.ndjson``."""
+    outbox_refused: int = 0
+    """Events the outbox could not take (its cap, a full disk, a failed fsync)."""
+    outbox_fsyncs: int = 0
+    """fsyncs of the outbox's log (``wal``)."""
 
 
 @final
