@@ -26,9 +26,9 @@ writing into the mapping (which would be a ``SIGBUS``).
 Start-up recovery (:meth:`Outbox.open`): an ``.open`` segment of a dead
 process is cut at its last whole record and sealed; ``.tmp`` files (spills
 never reported done) are removed; every sealed segment is queued for
-replay, oldest first. Records that fail their checks in the middle of a
-segment go to ``quarantine.ndjson`` with the reason when the segment is
-read for replay; the good ones keep flowing.
+replay, oldest first. Records that fail their checks in a sealed segment
+go to ``quarantine.ndjson`` with the reason when the segment is read for
+replay; the good ones keep flowing.
 
 The cap ``max_bytes`` counts every segment file's size on disk (an active
 segment counts in full). A segment that would pass it is not created:
@@ -462,35 +462,44 @@ class Outbox:
             return []
         return [Segment(name, self.directory / name) for name in names]
 
-    def load(self, segment: Segment) -> list[Event]:
-        """Read a sealed segment's events; quarantine bad records and rewrite it without them.
+    def load(self, segment: Segment) -> list[Event | None]:
+        """Read a sealed segment's record slots in order: an event, or ``None`` for a bad one.
 
-        The rewrite keeps the good records in their order, so the chunks (and
-        their tokens) of a replay are the same before and after it.
+        Bad records go to the quarantine file (once per segment and offset,
+        however often the segment is read). The file is never rewritten, so
+        slot ``i`` stays slot ``i``: a replay's chunks, cut by slot, keep
+        their tokens even when corruption shows up between two attempts.
         """
         data = segment.path.read_bytes()
         found = scan(data)
-        events: list[Event] = []
+        slots: list[tuple[int, Event | None]] = []
         bad = list(found.bad)
         if found.tail is not None:
             # A sealed segment was cut at its last record: a bad tail is corruption.
             bad.append(found.tail)
         for offset, payload in found.frames:
             try:
-                events.append(decode_payload(payload))
+                slots.append((offset, decode_payload(payload)))
             except (msgspec.DecodeError, ValueError) as exc:
                 stop = offset + HEADER.size + len(payload)
                 bad.append(BadRegion(offset, stop, f"valid frame, but not an event: {exc}"))
-        if bad:
+        slots += [(region.start, None) for region in bad]
+        known = {
+            entry.offset
+            for entry in read_quarantine(self.directory)
+            if entry.segment == segment.name
+        }
+        new = [region for region in bad if region.start not in known]
+        if new:
             log.error(
                 "outbox segment %s: %d bad records quarantined, %d good ones kept",
                 segment.name,
-                len(bad),
-                len(events),
+                len(new),
+                len(found.frames),
             )
-            self._quarantine(segment.name, data, bad)
-            self._rewrite(segment.path, encode_frames(events))
-        return events
+            self._quarantine(segment.name, data, new)
+        slots.sort(key=lambda slot: slot[0])
+        return [event for _, event in slots]
 
     def remove(self, segment: Segment) -> None:
         """Delete a segment ClickHouse has every record of."""
@@ -503,15 +512,6 @@ class Outbox:
             file.flush()
             os.fsync(file.fileno())
         self.quarantined += len(regions)
-
-    def _rewrite(self, path: Path, data: bytes) -> None:
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.rename(tmp, path)
-        sync_directory(self.directory)
 
     # -- recovery and figures --------------------------------------------------------
 

@@ -3,10 +3,10 @@
 One chunk per step: a step takes the oldest waiting segment (read in a
 worker thread, bad records quarantined), inserts its next chunk of
 ``insert_chunk_rows`` events, and queues the next step. Chunk ``i`` of
-segment ``S`` always carries the token ``outbox-<S>:<i>`` (the segment's
-good records and their order never change), on every attempt and after a
-restart, so a chunk that reached ClickHouse just before a failure or a
-crash is deduplicated by servers with ``insert_deduplication_token``
+segment ``S`` always carries the token ``outbox-<S>:<i>`` (chunks are cut
+by record slot, and a sealed segment's slots never move; a record found bad
+leaves its slot empty), on every attempt and after a restart, so a chunk
+that reached ClickHouse just before a failure or a crash is deduplicated by servers with ``insert_deduplication_token``
 (22.2+); older servers store it twice and the ``ReplacingMergeTree`` table
 collapses the copies by event id (read with ``FINAL``).
 
@@ -99,7 +99,7 @@ class Replayer(Actor):
         self._max_backoff = settings.retry_max_backoff
         self._backoff = self._first_backoff
         self._segment: Segment | None = None
-        self._events: list[Event] = []
+        self._events: list[Event | None] = []
         self._chunk = 0
         self._timer: Timer | None = None
         self._waiting: list[Reply[Any]] = []
@@ -151,7 +151,7 @@ class Replayer(Actor):
             self._chunk = 0
         segment = self._segment
         start = self._chunk * self._rows
-        chunk = self._events[start : start + self._rows]
+        chunk = [event for event in self._events[start : start + self._rows] if event is not None]
         if chunk:
             token = f"{segment.token}:{self._chunk}"
             try:
@@ -170,7 +170,7 @@ class Replayer(Actor):
                 self._counters.written += len(chunk)
             outbox.replayed += len(chunk)
             self._backoff = self._first_backoff
-            self._chunk += 1
+        self._chunk += 1
         if self._chunk * self._rows >= len(self._events):
             await anyio.to_thread.run_sync(outbox.remove, segment)
             log.info("outbox segment %s replayed (%d events)", segment.name, len(self._events))
