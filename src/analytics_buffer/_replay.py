@@ -6,9 +6,10 @@ worker thread, bad records quarantined), inserts its next chunk of
 segment ``S`` always carries the token ``outbox-<S>:<i>`` (chunks are cut
 by record slot, and a sealed segment's slots never move; a record found bad
 leaves its slot empty), on every attempt and after a restart, so a chunk
-that reached ClickHouse just before a failure or a crash is deduplicated by servers with ``insert_deduplication_token``
-(22.2+); older servers store it twice and the ``ReplacingMergeTree`` table
-collapses the copies by event id (read with ``FINAL``).
+that reached ClickHouse just before a failure or a crash is deduplicated
+by servers with ``insert_deduplication_token`` (22.2+); older servers
+store it twice and the ``ReplacingMergeTree`` table collapses the copies by
+event id (read with ``FINAL``).
 
 A transient failure waits with exponential backoff (``retry_initial_backoff``
 doubling up to ``retry_max_backoff``, with jitter) and retries the same
