@@ -232,6 +232,14 @@ class Outbox:
             self._thread.start()
         return self.replayable()
 
+    def seal(self) -> None:
+        """Seal the active log segment now (it is fsynced, cut to size and renamed)."""
+        with self._lock:
+            if self._active is not None and self._active.records:
+                self._sealing.append(self._active)
+                self._active = None
+        self._seal_pending()
+
     def close(self) -> None:
         """Fsync and seal the log, stop the fsync thread, release the directory."""
         if self._thread is not None:
@@ -462,28 +470,32 @@ class Outbox:
             return []
         return [Segment(name, self.directory / name) for name in names]
 
-    def load(self, segment: Segment) -> list[Event | None]:
-        """Read a sealed segment's record slots in order: an event, or ``None`` for a bad one.
+    def load(self, segment: Segment, chunk_bytes: int) -> list[tuple[int, list[Event]]]:
+        """Read a sealed segment as ``(chunk index, events)``; quarantine its bad records.
 
-        Bad records go to the quarantine file (once per segment and offset,
-        however often the segment is read). The file is never rewritten, so
-        slot ``i`` stays slot ``i``: a replay's chunks, cut by slot, keep
-        their tokens even when corruption shows up between two attempts.
+        Chunk ``i`` holds the records that start in bytes ``[i * chunk_bytes,
+        (i + 1) * chunk_bytes)`` of the file. A sealed segment is never
+        rewritten, so its chunks keep their index (and a replay its tokens)
+        even when corruption shows up between two attempts: a bad record
+        only leaves its chunk smaller. Chunks left empty are omitted. Bad
+        records go to the quarantine file once per segment and offset,
+        however often the segment is read.
         """
         data = segment.path.read_bytes()
         found = scan(data)
-        slots: list[tuple[int, Event | None]] = []
         bad = list(found.bad)
         if found.tail is not None:
             # A sealed segment was cut at its last record: a bad tail is corruption.
             bad.append(found.tail)
+        chunks: dict[int, list[Event]] = {}
         for offset, payload in found.frames:
             try:
-                slots.append((offset, decode_payload(payload)))
+                event = decode_payload(payload)
             except (msgspec.DecodeError, ValueError) as exc:
                 stop = offset + HEADER.size + len(payload)
                 bad.append(BadRegion(offset, stop, f"valid frame, but not an event: {exc}"))
-        slots += [(region.start, None) for region in bad]
+            else:
+                chunks.setdefault(offset // chunk_bytes, []).append(event)
         known = {
             entry.offset
             for entry in read_quarantine(self.directory)
@@ -495,11 +507,10 @@ class Outbox:
                 "outbox segment %s: %d bad records quarantined, %d good ones kept",
                 segment.name,
                 len(new),
-                len(found.frames),
+                sum(map(len, chunks.values())),
             )
             self._quarantine(segment.name, data, new)
-        slots.sort(key=lambda slot: slot[0])
-        return [event for _, event in slots]
+        return sorted(chunks.items())
 
     def remove(self, segment: Segment) -> None:
         """Delete a segment ClickHouse has every record of."""

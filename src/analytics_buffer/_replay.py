@@ -1,11 +1,12 @@
 """The Replayer actor: writes the outbox's sealed segments to ClickHouse, oldest first.
 
 One chunk per step: a step takes the oldest waiting segment (read in a
-worker thread, bad records quarantined), inserts its next chunk of
-``insert_chunk_rows`` events, and queues the next step. Chunk ``i`` of
-segment ``S`` always carries the token ``outbox-<S>:<i>`` (chunks are cut
-by record slot, and a sealed segment's slots never move; a record found bad
-leaves its slot empty), on every attempt and after a restart, so a chunk
+worker thread, bad records quarantined), inserts its next chunk, and queues
+the next step. A chunk is the records starting in one range of
+``insert_chunk_rows * 256`` bytes of the file (about ``insert_chunk_rows``
+typical events): chunk ``i`` of segment ``S`` always carries the token
+``outbox-<S>:<i>`` (a sealed segment's bytes never move; a record found bad
+only leaves its chunk smaller), on every attempt and after a restart, so a chunk
 that reached ClickHouse just before a failure or a crash is deduplicated
 by servers with ``insert_deduplication_token`` (22.2+); older servers
 store it twice and the ``ReplacingMergeTree`` table collapses the copies by
@@ -69,6 +70,8 @@ class _SegmentReady:
         return "SEGMENT_READY"
 
 
+REPLAY_BYTES_PER_ROW: Final = 256
+"""Bytes of segment per row of ``insert_chunk_rows`` in a replayed chunk."""
 _STEP: Final = _Step()
 SEGMENT_READY: Final = _SegmentReady()
 """Info: a segment was spilled; look for it now rather than at the next poll."""
@@ -94,13 +97,13 @@ class Replayer(Actor):
         self._counters = counters
         self._sink = sink
         self._dead_letters = dead_letters
-        self._rows = settings.insert_chunk_rows
         self._poll = settings.flush_interval
         self._first_backoff = settings.retry_initial_backoff
         self._max_backoff = settings.retry_max_backoff
         self._backoff = self._first_backoff
         self._segment: Segment | None = None
-        self._events: list[Event | None] = []
+        self._chunks: list[tuple[int, list[Event]]] = []
+        self._chunk_bytes = settings.insert_chunk_rows * REPLAY_BYTES_PER_ROW
         self._chunk = 0
         self._timer: Timer | None = None
         self._waiting: list[Reply[Any]] = []
@@ -148,13 +151,14 @@ class Replayer(Actor):
                 self._schedule(self._poll)
                 return
             self._segment = waiting[0]
-            self._events = await anyio.to_thread.run_sync(outbox.load, self._segment)
+            self._chunks = await anyio.to_thread.run_sync(
+                outbox.load, self._segment, self._chunk_bytes
+            )
             self._chunk = 0
         segment = self._segment
-        start = self._chunk * self._rows
-        chunk = [event for event in self._events[start : start + self._rows] if event is not None]
-        if chunk:
-            token = f"{segment.token}:{self._chunk}"
+        if self._chunk < len(self._chunks):
+            index, chunk = self._chunks[self._chunk]
+            token = f"{segment.token}:{index}"
             try:
                 await self._sink.insert(chunk, token)
             except TransientSinkError as exc:
@@ -172,10 +176,10 @@ class Replayer(Actor):
             outbox.replayed += len(chunk)
             self._backoff = self._first_backoff
         self._chunk += 1
-        if self._chunk * self._rows >= len(self._events):
+        if self._chunk >= len(self._chunks):
             await anyio.to_thread.run_sync(outbox.remove, segment)
-            log.info("outbox segment %s replayed (%d events)", segment.name, len(self._events))
-            self._segment, self._events = None, []
+            log.info("outbox segment %s replayed", segment.name)
+            self._segment, self._chunks = None, []
         self._schedule(0.0)
 
     def _answer(self, value: None) -> None:
