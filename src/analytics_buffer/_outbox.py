@@ -478,8 +478,9 @@ class Outbox:
         rewritten, so its chunks keep their index (and a replay its tokens)
         even when corruption shows up between two attempts: a bad record
         only leaves its chunk smaller. Chunks left empty are omitted. Bad
-        records go to the quarantine file once per segment and offset,
-        however often the segment is read.
+        regions go to the quarantine file once per segment, offset and length,
+        however often the segment is read (a region that grew as a neighbour
+        went bad is written again, whole).
         """
         data = segment.path.read_bytes()
         found = scan(data)
@@ -496,12 +497,9 @@ class Outbox:
                 bad.append(BadRegion(offset, stop, f"valid frame, but not an event: {exc}"))
             else:
                 chunks.setdefault(offset // chunk_bytes, []).append(event)
-        known = {
-            entry.offset
-            for entry in read_quarantine(self.directory)
-            if entry.segment == segment.name
-        }
-        new = [region for region in bad if region.start not in known]
+        quarantined = read_quarantine(self.directory)
+        known = {(e.offset, e.length) for e in quarantined if e.segment == segment.name}
+        new = [region for region in bad if (region.start, region.stop - region.start) not in known]
         if new:
             log.error(
                 "outbox segment %s: %d bad records quarantined, %d good ones kept",
