@@ -180,6 +180,8 @@ class Outbox:
         self.quarantined = 0
         self.refused = 0
         self.fsyncs = 0
+        self.slowest_fsync = 0.0
+        """The longest fsync of the log so far, in seconds (for benchmarks)."""
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
         self._active: _Active | None = None
@@ -354,9 +356,13 @@ class Outbox:
     # -- the fsync thread -----------------------------------------------------------
 
     def _sync_loop(self) -> None:
+        # Ticks keep to the interval from one fsync's start to the next: a slow
+        # fsync shortens the wait after it instead of stretching the window.
+        last = time.monotonic()
         while not self._stopping:
-            self._wake.wait(self.fsync_interval)
+            self._wake.wait(max(0.0, last + self.fsync_interval - time.monotonic()))
             self._wake.clear()
+            last = time.monotonic()
             self._sync_once()
         self._sync_once()
 
@@ -373,8 +379,10 @@ class Outbox:
                 self._active = None
         try:
             if active is not None and unsynced and not active.map.closed:
+                started = time.monotonic()
                 os.fsync(active.fd)
                 self.fsyncs += 1
+                self.slowest_fsync = max(self.slowest_fsync, time.monotonic() - started)
             self._seal_pending()
             self._prepare_spare()
         except OSError as exc:
