@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from analytics_buffer import Event, OutboxError, OutboxFull
+from analytics_buffer import AnalyticsBuffer, BufferFull, Event, OutboxError, OutboxFull, Settings
 from analytics_buffer._outbox import Outbox, Segment, directory_figures
 from analytics_buffer._segments import (
     HEADER,
@@ -21,6 +21,7 @@ from analytics_buffer._segments import (
     read_quarantine,
     scan,
 )
+from memory_sink import MemorySink
 
 
 def make_outbox(directory: Path, **changes: Any) -> Outbox:
@@ -226,10 +227,11 @@ def test_the_cap_refuses_a_new_segment_and_keeps_the_existing_ones(tmp_path: Pat
         accepted, error = fill(outbox, events(10_000))
         assert isinstance(error, OutboxFull)
         assert "outbox_max_bytes=24576" in str(error)
-        before = sorted(path.name for path in tmp_path.iterdir())
+        # Stems: the fsync thread may be renaming a full segment from .open to .seg.
+        before = sorted(path.stem for path in tmp_path.iterdir())
         with pytest.raises(OutboxFull):
             outbox.append(events(1)[0])
-        assert sorted(path.name for path in tmp_path.iterdir()) == before
+        assert sorted(path.stem for path in tmp_path.iterdir()) == before
         assert outbox.refused == 2
     finally:
         outbox.close()
@@ -283,3 +285,54 @@ def test_wal_needs_the_directory_to_itself(tmp_path: Path) -> None:
         spiller.close()
     finally:
         first.close()
+
+
+def wal_settings(directory: Path, **changes: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": str(directory),
+        "durability": "wal",
+        "outbox_max_bytes": 3 * 8192,
+        "outbox_segment_bytes": 8192,
+        "flush_interval": 60.0,
+        **changes,
+    }
+    return Settings(**values)
+
+
+@pytest.mark.anyio
+async def test_track_at_the_outbox_cap_drops_newest_and_says_so(tmp_path: Path) -> None:
+    async with AnalyticsBuffer(wal_settings(tmp_path), sink=MemorySink()) as buffer:
+        results = [buffer.track(event) for event in events(500)]
+        stats = buffer.stats()
+    taken = results.count(True)
+    # Room can come back (a sealed segment is cut to its size): refusals need not be last.
+    assert 0 < taken < 500
+    assert results[0] is True
+    assert stats.accepted == taken
+    assert stats.dropped == stats.outbox_refused == 500 - taken
+
+
+def track_until_refused(buffer: AnalyticsBuffer, batch: list[Event]) -> Exception | None:
+    for event in batch:
+        try:
+            buffer.track(event)
+        except BufferFull as exc:
+            return exc
+    return None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("overflow", ["raise", "block"])
+async def test_track_and_put_at_the_outbox_cap_raise_outbox_full(
+    tmp_path: Path, overflow: str
+) -> None:
+    settings = wal_settings(tmp_path, overflow=overflow)
+    async with AnalyticsBuffer(settings, sink=MemorySink()) as buffer:
+        refusal = track_until_refused(buffer, events(500))
+        assert isinstance(refusal, OutboxFull)
+        assert "outbox_max_bytes=24576" in str(refusal)
+        with pytest.raises(BufferFull, match="outbox full"):
+            await buffer.put(events(1)[0])
+        accepted = buffer.stats().accepted
+        await buffer.flush()
+        assert buffer.stats().written == accepted
