@@ -13,7 +13,9 @@ class Stats(NamedTuple):
     Every accepted event ends up counted in exactly one of ``written`` or
     ``dead_lettered``, or is still ``buffered`` (session events count as
     buffered until the session store holds them; ``written`` also counts the
-    session_end events made for idle sessions).
+    session_end events made for idle sessions), or waits in the disk outbox
+    (``outbox_spilled`` minus ``outbox_replayed``; replayed events count in
+    ``written`` or ``dead_lettered`` as well).
     """
 
     accepted: int
