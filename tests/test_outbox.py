@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import subprocess
 import time
@@ -336,3 +337,29 @@ async def test_track_and_put_at_the_outbox_cap_raise_outbox_full(
         accepted = buffer.stats().accepted
         await buffer.flush()
         assert buffer.stats().written == accepted
+
+
+def test_a_failed_fsync_stops_the_log_and_keeps_what_was_sealed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the page cache may have dropped the data: the log refuses
+    every later event with the error instead of retrying as if nothing happened."""
+    outbox = make_outbox(tmp_path, segment_bytes=8192)
+    outbox.open()
+    sealed = events(100)
+    for event in sealed:
+        outbox.append(event)
+    outbox.seal()
+    outbox.append(events(1, "unsynced")[0])
+
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fail)
+        outbox._sync_once()
+    with pytest.raises(OutboxError, match="Input/output error"):
+        outbox.append(events(1, "late")[0])
+    assert outbox.refused == 1
+    kill(outbox)
+    assert stored(tmp_path)[: len(sealed)] == sealed
