@@ -363,3 +363,16 @@ def test_a_failed_fsync_stops_the_log_and_keeps_what_was_sealed(
     assert outbox.refused == 1
     kill(outbox)
     assert stored(tmp_path)[: len(sealed)] == sealed
+
+
+def test_an_unusable_directory_fails_wal_but_not_memory(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(OutboxError, match="cannot use the outbox directory"):
+        make_outbox(blocked / "outbox").open()
+    memory = make_outbox(blocked / "outbox", wal=False)
+    assert memory.open() == []
+    assert not memory.owner
+    with pytest.raises(OutboxError):
+        memory.spill(events(1))
+    memory.close()

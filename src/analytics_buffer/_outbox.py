@@ -212,7 +212,12 @@ class Outbox:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.directory / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise OutboxError(f"cannot use the outbox directory {self.directory}: {exc}") from exc
+            message = f"cannot use the outbox directory {self.directory}: {exc}"
+            if self.wal:
+                raise OutboxError(message) from exc
+            # memory durability works without it: a failed chunk is then dead-lettered.
+            log.warning("%s; failed chunks will be dead-lettered", message)
+            return []
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -474,7 +479,7 @@ class Outbox:
                 for entry in os.scandir(self.directory)
                 if entry.name.endswith(".seg") and entry.name not in live
             )
-        except FileNotFoundError:
+        except OSError:
             return []
         return [Segment(name, self.directory / name) for name in names]
 
@@ -569,7 +574,7 @@ class Outbox:
 
     def _disk_bytes(self) -> int:
         total = 0
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             for entry in os.scandir(self.directory):
                 if entry.name.endswith((".seg", ".open", ".tmp")):
                     with contextlib.suppress(FileNotFoundError):
@@ -594,7 +599,7 @@ class Outbox:
 def directory_figures(directory: Path) -> tuple[int, int, float]:
     """Return ``(segments, bytes, oldest segment's age in seconds)`` of an outbox directory."""
     segments, size, oldest = 0, 0, None
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             if entry.name.endswith((".seg", ".open")):
                 with contextlib.suppress(FileNotFoundError):
