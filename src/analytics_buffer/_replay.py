@@ -147,7 +147,7 @@ class Replayer(Actor):
             # A listing of a small directory: cheaper than a trip to a worker thread.
             waiting = outbox.replayable()
             if not waiting:
-                self._answer(None)
+                self._answer()
                 self._schedule(self._poll)
                 return
             self._segment = waiting[0]
@@ -182,7 +182,8 @@ class Replayer(Actor):
             self._segment, self._chunks = None, []
         self._schedule(0.0)
 
-    def _answer(self, value: None) -> None:
+    def _answer(self) -> None:
+        """Tell the REPLAY_NOW callers that no segment is waiting."""
         waiting, self._waiting = self._waiting, []
         for reply in waiting:
-            reply.send(value)
+            reply.send(None)
