@@ -529,19 +529,52 @@ async def test_transient_failures_are_retried_with_the_same_token_then_succeed(
 
 @pytest.mark.anyio
 @trio_mock
-async def test_exhausted_retries_dead_letter_with_the_reason_and_later_batches_flow(
+async def test_exhausted_retries_go_to_the_outbox_and_are_replayed_once(
     tmp_path: Path,
 ) -> None:
     settings = make_settings(tmp_path, retry_attempts=3)
+    sink = MemorySink()
+    sink.fail_transient = 3
+    refused, later = events(3, "bad"), events(2, "good")
+    async with AnalyticsBuffer(settings, sink=sink) as buffer:
+        for event in refused:
+            buffer.track(event)
+        await buffer.flush()
+        for event in later:
+            buffer.track(event)
+        await buffer.flush()
+        await buffer.replay_outbox()
+        stats = buffer.stats()
+    assert dead_letters(settings) == []
+    assert sorted(sink.rows, key=lambda e: e.name) == refused + later
+    # Replayed events count as written too.
+    assert (stats.written, stats.dead_lettered, stats.retries) == (5, 0, 2)
+    assert (stats.outbox_spilled, stats.outbox_replayed, stats.outbox_segments) == (3, 3, 0)
+    replay_tokens = {token for token in sink.tokens if token.startswith("outbox-")}
+    assert len(replay_tokens) == 1
+    assert sink.inserts == 5
+
+
+@pytest.mark.anyio
+@trio_mock
+async def test_exhausted_retries_dead_letter_with_both_reasons_when_the_outbox_is_full(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(
+        tmp_path, retry_attempts=3, outbox_max_bytes=100, outbox_segment_bytes=100
+    )
     sink = MemorySink()
     sink.fail_transient = 3
     refused, later, stats = await refuse_then_take(settings, sink)
     letters = dead_letters(settings)
     assert [letter.event for letter in letters] == refused
     assert {letter.code for letter in letters} == {0}
-    assert {letter.reason for letter in letters} == {"retries exhausted (3): connection refused"}
+    (reason,) = {letter.reason for letter in letters}
+    assert reason.startswith("retries exhausted (3): connection refused; the outbox refused it: ")
+    assert "outbox_max_bytes=100" in reason
     assert sink.rows == later
     assert (stats.written, stats.dead_lettered, stats.retries) == (2, 3, 2)
+    assert (stats.outbox_spilled, stats.outbox_refused) == (0, 3)
     assert sink.inserts == 4
 
 

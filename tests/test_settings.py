@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from analytics_buffer import ConfigError, Overflow, Settings
+from analytics_buffer import ConfigError, Durability, Overflow, Settings
 from analytics_buffer import _settings as settings_module
 
 DEFAULTS: dict[str, Any] = {
@@ -38,6 +38,12 @@ DEFAULTS: dict[str, Any] = {
     "retry_max_backoff": 5.0,
     "max_restarts": 3,
     "max_seconds": 5.0,
+    "durability": "memory",
+    "fsync_interval": 0.1,
+    "fsync_batch": 10_000,
+    "outbox_max_bytes": 1024 * 1024 * 1024,
+    "outbox_segment_bytes": 16 * 1024 * 1024,
+    "outbox_segment_age": 10.0,
 }
 
 FIELDS = msgspec.structs.fields(Settings)
@@ -91,6 +97,15 @@ def test_every_field_has_a_docstring_in_the_struct() -> None:
         ):
             documented.add(node.target.id)
     assert documented == {field.name for field in FIELDS}
+
+
+def test_durability_modes_and_the_outbox_bounds() -> None:
+    for mode in typing.get_args(Durability):
+        assert Settings(durability=mode).durability == mode
+    with pytest.raises(ConfigError, match="durability"):
+        Settings(durability="disk")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="outbox_segment_bytes must not exceed"):
+        Settings(outbox_max_bytes=1000, outbox_segment_bytes=1001)
 
 
 def test_overflow_policies() -> None:
@@ -154,6 +169,8 @@ def test_from_env_reads_every_int_field(name: str) -> None:
         changes["max_batch_events"] = "7"
     if name == "max_buffered_bytes":
         changes["max_event_bytes"] = "7"
+    if name == "outbox_max_bytes":
+        changes["outbox_segment_bytes"] = "7"
     assert getattr(Settings.from_env(env(**changes)), name) == value
 
 

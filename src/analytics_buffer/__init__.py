@@ -20,6 +20,8 @@ from ._exceptions import CallTimeout as CallTimeout
 from ._exceptions import ConfigError as ConfigError
 from ._exceptions import InvalidEvent as InvalidEvent
 from ._exceptions import MailboxFull as MailboxFull
+from ._exceptions import OutboxError as OutboxError
+from ._exceptions import OutboxFull as OutboxFull
 from ._exceptions import PermanentSinkError as PermanentSinkError
 from ._exceptions import RestartIntensityExceeded as RestartIntensityExceeded
 from ._exceptions import SinkError as SinkError
@@ -27,6 +29,7 @@ from ._exceptions import StoreUnavailable as StoreUnavailable
 from ._exceptions import TransientSinkError as TransientSinkError
 from ._mailbox import Mailbox as Mailbox
 from ._mailbox import MailboxStatistics as MailboxStatistics
+from ._settings import Durability as Durability
 from ._settings import Overflow as Overflow
 from ._settings import Settings as Settings
 from ._sink import Sink as Sink
@@ -49,12 +52,15 @@ __all__ = (
     "ChildSpec",
     "ConfigError",
     "DeadLetter",
+    "Durability",
     "Event",
     "FlushReport",
     "InvalidEvent",
     "Mailbox",
     "MailboxFull",
     "MailboxStatistics",
+    "OutboxError",
+    "OutboxFull",
     "Overflow",
     "PermanentSinkError",
     "PropertyValue",

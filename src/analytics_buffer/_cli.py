@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import anyio
 import msgspec
 
+from . import _outbox_cli
 from ._exceptions import AnalyticsBufferError, ConfigError
 from ._rollup import counters_ddl, counters_table
 from ._schema import Capabilities, events_ddl
@@ -182,6 +183,18 @@ register(
         "track synthetic traffic through the whole pipeline and count it back",
         _configure_demo,
         _run_demo,
+    )
+)
+
+
+# --- outbox -----------------------------------------------------------------
+
+register(
+    Command(
+        "outbox",
+        "the disk outbox: status (size, segments, age), replay now, inspect records",
+        _outbox_cli.configure,
+        _outbox_cli.run,
     )
 )
 

@@ -375,8 +375,11 @@ class ClickHouseSink(TableSink):
         :raises TransientSinkError: may be retried with the same token
         :raises PermanentSinkError: the server refused the rows
         """
+        if not rows:
+            return
         caps = await self.fetch_capabilities()
-        await self._run(f"{head} VALUES", rows, caps.insert_settings(token))
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        await self._run(f"{head} VALUES", caps.insert_settings(token), [columns])
 
     async def query(self, sql: str) -> list[tuple[Any, ...]]:
         """Run a read query and return its rows (asynch's Python values).

@@ -20,12 +20,15 @@ from ._counter_actor import ActiveVisitors, CounterActor, CounterState, CountRea
 from ._counter_store import CounterStore, MemoryCounterStore
 from ._deadletter import DeadLetters
 from ._event import Event, check_event, decode_event, new_event_id
-from ._exceptions import BufferClosed, BufferFull, InvalidEvent, MailboxFull
+from ._exceptions import BufferClosed, BufferFull, InvalidEvent, MailboxFull, OutboxError
+from ._outbox import Outbox
+from ._replay import REPLAY_NOW, SEGMENT_READY, Replayer
 from ._rollup import RollupTarget, SinkRollups, TupleSink, counters_table
 from ._session_actor import SESSION_FLUSH, LastScreenView, SessionActor
 from ._session_store import MemorySessionStore, SessionStore
 from ._settings import Settings
 from ._sink import Sink
+from ._spill import Spill
 from ._stats import Counters, Stats
 from ._supervisor import ChildSpec, Supervisor
 from ._writer import FlushReport, Writer
@@ -97,6 +100,10 @@ class AnalyticsBuffer:
         self._supervisor: Supervisor | None = None
         self._running = False
         self._entered = False
+        # --- durable outbox (issue 5)
+        self._outbox: Outbox | None = None
+        self._wal: Outbox | None = None
+        """The outbox in ``wal`` durability: events are appended before they are accepted."""
 
     async def __aenter__(self) -> AnalyticsBuffer:
         if self._entered:
@@ -122,6 +129,41 @@ class AnalyticsBuffer:
         dead_letters = DeadLetters(Path(settings.data_dir) / "dead-letter", settings.table)
         prefix = new_event_id().hex[:16]
         tokens = (f"{prefix}-{seq}" for seq in itertools.count())
+        # --- durable outbox: what the last run left is recovered before anything is accepted.
+        outbox = Outbox(
+            Path(settings.data_dir) / "outbox",
+            wal=settings.durability == "wal",
+            max_bytes=settings.outbox_max_bytes,
+            segment_bytes=settings.outbox_segment_bytes,
+            segment_age=settings.outbox_segment_age,
+            fsync_interval=settings.fsync_interval,
+            fsync_batch=settings.fsync_batch,
+        )
+        try:
+            await anyio.to_thread.run_sync(outbox.open)
+        except OutboxError:
+            with anyio.CancelScope(shield=True):
+                await sink.aclose()
+                await store.aclose()
+            raise
+        self._outbox = outbox
+        self._wal = outbox if outbox.wal else None
+
+        def spilled() -> None:
+            if outbox.owner:
+                assert self._supervisor is not None
+                self._supervisor.ref("replayer").info(SEGMENT_READY)
+
+        spill = Spill(outbox, spilled)
+
+        def make_replayer() -> Replayer:
+            return Replayer(
+                outbox=outbox,
+                sink=sink,
+                settings=settings,
+                counters=self._counters,
+                dead_letters=dead_letters,
+            )
 
         def make_writer() -> Writer:
             return Writer(
@@ -131,6 +173,7 @@ class AnalyticsBuffer:
                 capacity=self._capacity,
                 dead_letters=dead_letters,
                 on_flush=self._on_flush,
+                spill=spill,
             )
 
         def make_buffer() -> EventBuffer:
@@ -170,8 +213,11 @@ class AnalyticsBuffer:
                 owner=prefix,
             )
 
+        # The replayer only where this buffer owns the outbox; first, so it stops last.
+        replayer = [ChildSpec("replayer", make_replayer, shutdown=settings.shutdown_timeout)]
         self._supervisor = Supervisor(
             [
+                *(replayer if outbox.owner else []),
                 ChildSpec(
                     "writer",
                     make_writer,
@@ -205,6 +251,7 @@ class AnalyticsBuffer:
             await self._supervisor.__aenter__()
         except BaseException:
             with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(outbox.close)
                 await sink.aclose()
                 await store.aclose()
                 await counter_store.aclose()
@@ -228,6 +275,9 @@ class AnalyticsBuffer:
             return await self._supervisor.__aexit__(exc_type, exc, traceback)
         finally:
             with anyio.CancelScope(shield=True):
+                if self._outbox is not None:
+                    # After the writer: what it spilled or settled is on disk by now.
+                    await anyio.to_thread.run_sync(self._outbox.close)
                 await self._sink.aclose()
                 if self._session_store is not None:
                     await self._session_store.aclose()
@@ -285,12 +335,16 @@ class AnalyticsBuffer:
             return
         with anyio.move_on_after(self.settings.put_timeout):
             await capacity.wait_for_room(size)
+            if self._wal is not None:
+                self._append_to_wal(event, waiting=True)  # --- durable outbox hook
             self._capacity.take(size)
             try:
                 actor = self._sessions_ref if event.session_id else self._buffer_ref
                 await actor.send((event, size))
             except BaseException:
                 self._capacity.give_back(1, size)
+                if self._wal is not None:
+                    self._wal.retract(event)
                 raise
             self._counters.accepted += 1
             self._counted.append(event)
@@ -355,9 +409,24 @@ class AnalyticsBuffer:
         """Ask for a flush now and return at once."""
         self._buffer_ref.cast(FLUSH_SOON)
 
+    async def replay_outbox(self) -> None:
+        """Replay the disk outbox now; return once no segment is waiting.
+
+        Like :meth:`flush`, it waits as long as ClickHouse stays down (the
+        replay retries with backoff); bound it with ``anyio.move_on_after``.
+        A buffer that shares its ``data_dir`` with the outbox's owner returns at once.
+        """
+        if self._outbox is None or not self._outbox.owner:
+            return
+        assert self._supervisor is not None
+        await self._supervisor.ref("replayer").call(REPLAY_NOW, timeout=None)
+
     def stats(self) -> Stats:
         """Return a snapshot of the counters."""
-        return self._counters.snapshot()
+        stats = self._counters.snapshot()
+        if self._outbox is None:
+            return stats
+        return stats._replace(**self._outbox.figures()._asdict())  # --- durable outbox
 
     async def _read_counts(self, project_id: str, name: str, day: date) -> list[int]:
         """The day's count, then its 24 hours'."""
@@ -396,12 +465,16 @@ class AnalyticsBuffer:
 
     def _enqueue(self, event: Event, size: int) -> bool:
         """Hand the event to its actor if that actor's mailbox has room."""
+        if self._wal is not None and not self._append_to_wal(event, waiting=False):
+            return False  # --- durable outbox hook: on disk before it counts as accepted
         self._capacity.take(size)
         try:
             # Events of a session go through the SessionActor, the others straight on.
             (self._sessions_ref if event.session_id else self._buffer_ref).cast((event, size))
         except MailboxFull:
             self._capacity.give_back(1, size)
+            if self._wal is not None:
+                self._wal.retract(event)
             return False
         self._counters.accepted += 1
         self._counted.append(event)
@@ -417,6 +490,26 @@ class AnalyticsBuffer:
         if policy == "block":
             raise BufferFull(f"buffer full ({held}); track cannot wait: use 'await put(event)'")
         raise BufferFull(f"buffer full ({held}); overflow='raise'")
+
+    # --- durable outbox (issue 5) --------------------------------------------------
+
+    def _append_to_wal(self, event: Event, *, waiting: bool) -> bool:
+        """Append ``event`` to the outbox's log (``wal``); ``False`` when refused, quietly.
+
+        When the log refuses the event (``outbox_max_bytes``, a full disk, a
+        failed fsync), ``track`` under ``drop_newest`` returns ``False`` (the
+        event counts as dropped, and as ``outbox_refused``); otherwise, and
+        always in ``put``, the :class:`~analytics_buffer.OutboxError` (an
+        :class:`~analytics_buffer.OutboxFull` is also a ``BufferFull``) is raised.
+        """
+        assert self._wal is not None
+        try:
+            self._wal.append(event)
+        except OutboxError:
+            if waiting or self.settings.overflow != "drop_newest":
+                raise
+            return False
+        return True
 
     def _count_restart(self, child: str, reason: Exception) -> None:
         self._counters.restarts += 1

@@ -6,7 +6,9 @@
     ├── ConfigError              (also ValueError)
     ├── InvalidEvent             (also ValueError)
     ├── BufferFull
+    │   └── OutboxFull       (also OutboxError)
     ├── BufferClosed
+    ├── OutboxError          (the disk outbox cannot take or keep events)
     ├── StoreUnavailable         (the session/counter store cannot be reached)
     ├── ActorError
     │   ├── ActorDeadError
@@ -35,6 +37,8 @@ __all__ = (
     "ConfigError",
     "InvalidEvent",
     "MailboxFull",
+    "OutboxError",
+    "OutboxFull",
     "PermanentSinkError",
     "RestartIntensityExceeded",
     "SinkError",
@@ -69,6 +73,14 @@ class InvalidEvent(AnalyticsBufferError, ValueError):
 
 class BufferFull(AnalyticsBufferError):
     """Raised when the buffer is at its bound and the overflow policy says to raise."""
+
+
+class OutboxError(AnalyticsBufferError):
+    """Raised when the disk outbox cannot take or keep events (I/O error, failed fsync)."""
+
+
+class OutboxFull(OutboxError, BufferFull):
+    """Raised when the outbox reached ``outbox_max_bytes`` or its disk is full (ENOSPC)."""
 
 
 class BufferClosed(AnalyticsBufferError):

@@ -11,12 +11,13 @@ import msgspec
 
 from ._exceptions import ConfigError
 
-__all__ = ("ENV_PREFIX", "Overflow", "Settings")
+__all__ = ("ENV_PREFIX", "Durability", "Overflow", "Settings")
 
 ENV_PREFIX: Final = "ANALYTICS_BUFFER_"
 _FIELD_IN_MESSAGE: Final = re.compile(r"`\$\.(\w+)`|^(\w+):")
 
 Overflow = Literal["drop_newest", "block", "raise"]
+Durability = Literal["memory", "wal"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,6 +113,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Counters and visitors held in memory (while Redis is unreachable)
     past which the counters are rolled up from memory straight into ClickHouse."""
 
+    durability: Durability = "memory"
+    """``memory``: events are held in memory until written; a batch whose
+    retries run out for a transient reason goes to the disk outbox
+    (``<data_dir>/outbox``) and is replayed. ``wal``: in addition, every
+    accepted event is in the outbox's log before ``track``/``put`` returns,
+    so a killed process loses nothing it accepted (see the README's
+    guarantees table)."""
+    fsync_interval: float = 0.1
+    """``wal``: the longest time between fsyncs of the log (a power loss
+    takes at most this window)."""
+    fsync_batch: int = 10_000
+    """``wal``: fsync as soon as this many records are not yet synced."""
+    outbox_max_bytes: int = 1024 * 1024 * 1024
+    """Cap on the outbox's files on disk; at the cap the ``overflow`` policy applies."""
+    outbox_segment_bytes: int = 16 * 1024 * 1024
+    """The active log segment is sealed at this size (and preallocated to it)."""
+    outbox_segment_age: float = 10.0
+    """... or once it is this old and holds a record."""
+
     max_restarts: int = 3
     """A child may crash this often within ``max_seconds`` before the supervisor gives up."""
     max_seconds: float = 5.0
@@ -134,6 +154,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "pool_size",
             "retry_attempts",
             "session_shards",
+            "fsync_batch",
+            "outbox_max_bytes",
+            "outbox_segment_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -148,6 +171,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "session_interval",
             "session_lease",
             "session_retention",
+            "fsync_interval",
+            "outbox_segment_age",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -164,6 +189,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(
                 f"overflow must be 'drop_newest', 'block' or 'raise', got {self.overflow!r}"
             )
+        if self.durability not in ("memory", "wal"):
+            raise ConfigError(f"durability must be 'memory' or 'wal', got {self.durability!r}")
+        if self.outbox_segment_bytes > self.outbox_max_bytes:
+            raise ConfigError("outbox_segment_bytes must not exceed outbox_max_bytes")
         if self.max_batch_events > self.max_buffered_events:
             raise ConfigError("max_batch_events must not exceed max_buffered_events")
         if self.max_event_bytes > self.max_buffered_bytes:

@@ -13,7 +13,9 @@ class Stats(NamedTuple):
     Every accepted event ends up counted in exactly one of ``written`` or
     ``dead_lettered``, or is still ``buffered`` (session events count as
     buffered until the session store holds them; ``written`` also counts the
-    session_end events made for idle sessions).
+    session_end events made for idle sessions), or waits in the disk outbox
+    (``outbox_spilled`` minus ``outbox_replayed``; replayed events count in
+    ``written`` or ``dead_lettered`` as well).
     """
 
     accepted: int
@@ -54,6 +56,25 @@ class Stats(NamedTuple):
     """Whether the counter store is unreachable (counts wait in memory)."""
     counter_keys_held: int
     """Counters and visitors held in this instance's memory, not yet in the store."""
+
+    # --- the disk outbox (filled in by AnalyticsBuffer.stats)
+    outbox_bytes: int = 0
+    """Size of the outbox's segment files on disk (an active log segment counts in full)."""
+    outbox_segments: int = 0
+    """Segment files in the outbox (the active one included)."""
+    outbox_oldest_age: float = 0.0
+    """Age in seconds of the oldest segment (0 when there is none)."""
+    outbox_spilled: int = 0
+    """Events moved to the outbox after their retries ran out (not dead-lettered)."""
+    outbox_replayed: int = 0
+    """Events replayed from the outbox (also counted in ``written``, or in
+    ``dead_lettered`` when ClickHouse refused them), this run's and earlier runs'."""
+    outbox_quarantined: int = 0
+    """Outbox records that failed their checks, moved to ``quarantine.ndjson``."""
+    outbox_refused: int = 0
+    """Events the outbox could not take (its cap, a full disk, a failed fsync)."""
+    outbox_fsyncs: int = 0
+    """fsyncs of the outbox's log (``wal``)."""
 
 
 @final

@@ -14,14 +14,17 @@ Outcomes of a chunk:
 * written: counted in ``written``;
 * :class:`~analytics_buffer.TransientSinkError`: retried with exponential
   backoff and jitter (tenacity, sleeping through anyio) up to
-  ``retry_attempts``, then dead-lettered with the reason "retries exhausted";
+  ``retry_attempts``, then handed to the disk outbox (``spill``), which
+  replays it later; dead-lettered with the reason "retries exhausted" only
+  when the outbox cannot take it;
 * :class:`~analytics_buffer.PermanentSinkError`: dead-lettered at once with
   the server's code; later chunks and batches keep flowing.
 
 A crash while writing dead-letters the unwritten rest of the batch (it may
 be what crashed the writer) before the restart; batches still queued are
 written by the next instance. If the writer is cancelled at its shutdown
-deadline, what it still holds is dead-lettered synchronously.
+deadline, what it still holds goes to the disk outbox synchronously (to be
+replayed at the next start), or is dead-lettered if the outbox cannot take it.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from ._event import Event
 from ._exceptions import ActorDeadError, PermanentSinkError, TransientSinkError
 from ._settings import Settings
 from ._sink import Sink
+from ._spill import Spill
 from ._stats import Counters
 
 __all__ = ("Batch", "FlushReport", "WriteBatch", "Writer")
@@ -146,8 +150,10 @@ class Writer(Actor):
         capacity: Capacity,
         dead_letters: DeadLetters,
         on_flush: Callable[[FlushReport], None] | None = None,
+        spill: Spill | None = None,
     ) -> None:
         self._sink = sink
+        self._spill = spill
         self._settings = settings
         self._counters = counters
         self._capacity = capacity
@@ -196,7 +202,7 @@ class Writer(Actor):
         else:
             why = f"writer crashed while writing them: {reason!r}"
         for item in held:
-            self._abandon(item, why)
+            self._abandon(item, why, to_outbox=reason is None)
 
     async def _write(self, item: WriteBatch) -> None:
         """Write a batch's chunks, up to ``pool_size`` at once, then answer its reply."""
@@ -226,11 +232,18 @@ class Writer(Actor):
                 batch.dead_lettered += len(chunk)
             except TransientSinkError as exc:
                 reason = f"retries exhausted ({self._settings.retry_attempts}): {exc}"
-                await self._dead_letter(chunk, reason, 0, token)
-                batch.dead_lettered += len(chunk)
+                # --- outbox hook: the chunk waits on disk for replay instead.
+                refusal = None
+                if self._spill is None or (refusal := await self._spill.take(chunk, reason)):
+                    if refusal:
+                        reason = f"{reason}; the outbox refused it: {refusal}"
+                    await self._dead_letter(chunk, reason, 0, token)
+                    batch.dead_lettered += len(chunk)
             else:
                 self._counters.written += len(chunk)
                 batch.written += len(chunk)
+            if self._spill is not None:
+                self._spill.settle(chunk)  # --- outbox hook: written, dead-lettered or spilled
             batch.done.add(index)
             # Counted as written or dead-lettered: no longer buffered.
             self._capacity.give_back(*batch.release(len(chunk)))
@@ -250,8 +263,12 @@ class Writer(Actor):
         await self._dead_letters.write(chunk, reason=reason, code=code, token=token)
         self._counters.dead_lettered += len(chunk)
 
-    def _abandon(self, item: WriteBatch, reason: str) -> None:
-        """Dead-letter what ``item`` has left unwritten, synchronously, and answer it."""
+    def _abandon(self, item: WriteBatch, reason: str, *, to_outbox: bool = False) -> None:
+        """Dead-letter what ``item`` has left unwritten, synchronously, and answer it.
+
+        :param to_outbox: offer it to the outbox first (not after a crash: the
+            batch may be what crashed the writer)
+        """
         batch = item.batch
         if batch is not None:
             rows = self._settings.insert_chunk_rows
@@ -262,9 +279,17 @@ class Writer(Actor):
                 for event in batch.chunk(index, rows)
             ]
             if rest:
-                log.error("dead-lettering %d events (%s): %s", len(rest), batch.token, reason)
-                self._dead_letters.write_now(rest, reason=reason, code=0, token=batch.token)
-                self._counters.dead_lettered += len(rest)
+                # --- outbox hook: what is left waits on disk for replay, if the outbox takes it.
+                refusal = None
+                spill = self._spill if to_outbox else None
+                if spill is None or (refusal := spill.take_now(rest, reason)):
+                    if refusal:
+                        reason = f"{reason}; the outbox refused it: {refusal}"
+                    log.error("dead-lettering %d events (%s): %s", len(rest), batch.token, reason)
+                    self._dead_letters.write_now(rest, reason=reason, code=0, token=batch.token)
+                    self._counters.dead_lettered += len(rest)
+                if self._spill is not None:
+                    self._spill.settle(rest)
             self._capacity.give_back(*batch.release(len(batch.events)))
         if item.reply is not None:
             item.reply.send(None)

@@ -1,0 +1,378 @@
+"""The outbox alone: framing, the write-ahead log, recovery, quarantine, the cap, ENOSPC."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from analytics_buffer import AnalyticsBuffer, BufferFull, Event, OutboxError, OutboxFull, Settings
+from analytics_buffer._outbox import Outbox, Segment, directory_figures
+from analytics_buffer._segments import (
+    HEADER,
+    decode_payload,
+    encode_frame,
+    read_quarantine,
+    scan,
+)
+from memory_sink import MemorySink
+
+
+def make_outbox(directory: Path, **changes: Any) -> Outbox:
+    values: dict[str, Any] = {
+        "wal": True,
+        "max_bytes": 64 * 1024 * 1024,
+        "segment_bytes": 64 * 1024,
+        "segment_age": 3600.0,
+        "fsync_interval": 0.05,
+        "fsync_batch": 1000,
+        **changes,
+    }
+    return Outbox(directory, **values)
+
+
+def events(count: int, name: str = "e") -> list[Event]:
+    return [
+        Event(name=f"{name}{i}", project_id="p1", properties={"i": i, "zero": 0})
+        for i in range(count)
+    ]
+
+
+def events_in(outbox: Outbox, segment: Segment) -> list[Event]:
+    return [event for _, chunk in outbox.load(segment, 4096) for event in chunk]
+
+
+def stored(directory: Path) -> list[Event]:
+    """Every event in the directory's sealed segments, in file order (no quarantine)."""
+    outbox = make_outbox(directory, wal=False)
+    return [event for segment in outbox.replayable() for event in events_in(outbox, segment)]
+
+
+def kill(outbox: Outbox) -> None:
+    """Abandon ``outbox`` as a SIGKILL would: no seal, no fsync; only the page cache stays."""
+    outbox._sync_once = lambda: None  # type: ignore[method-assign]
+    outbox._stopping = True
+    outbox._wake.set()
+    assert outbox._thread is not None
+    outbox._thread.join()
+    assert outbox._lock_fd is not None
+    os.close(outbox._lock_fd)
+    outbox._lock_fd = None
+
+
+def test_frames_round_trip_and_a_zero_tail_ends_the_data() -> None:
+    batch = events(3)
+    data = b"".join(encode_frame(event) for event in batch) + bytes(1000)
+    found = scan(data)
+    assert [decode_payload(payload) for _, payload in found.frames] == batch
+    assert found.bad == []
+    assert found.tail is None
+
+
+def test_a_killed_process_loses_nothing_it_appended(tmp_path: Path) -> None:
+    """The log is in the page cache as soon as append returns: no close, no fsync needed."""
+    batch = events(500)
+    outbox = make_outbox(tmp_path, segment_bytes=16 * 1024)
+    assert outbox.open() == []
+    for event in batch:
+        outbox.append(event)
+    kill(outbox)
+
+    reopened = make_outbox(tmp_path)
+    segments = reopened.open()
+    try:
+        assert len(segments) > 1, "16 KiB segments: the 500 events span several"
+        assert [event for segment in segments for event in events_in(reopened, segment)] == batch
+        assert not list(tmp_path.glob("*.open"))
+    finally:
+        reopened.close()
+
+
+def test_settled_segments_are_deleted_and_a_clean_close_leaves_only_the_unsettled(
+    tmp_path: Path,
+) -> None:
+    batch = events(400)
+    outbox = make_outbox(tmp_path, segment_bytes=8 * 1024)
+    outbox.open()
+    for event in batch:
+        outbox.append(event)
+    outbox.settle(batch[:300])
+    outbox.close()
+    left = stored(tmp_path)
+    # Whole segments are deleted once every event in them is settled, never a part of one.
+    first = batch.index(left[0])
+    assert left == batch[first:]
+    per_segment = 8 * 1024 // len(encode_frame(batch[0])) + 1
+    assert 100 <= len(left) < 100 + per_segment
+
+
+def test_the_fsync_thread_syncs_within_the_interval(tmp_path: Path) -> None:
+    outbox = make_outbox(tmp_path, fsync_interval=0.02)
+    outbox.open()
+    try:
+        outbox.append(events(1)[0])
+        deadline = time.monotonic() + 5
+        while outbox.fsyncs == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert outbox.fsyncs >= 1
+    finally:
+        outbox.close()
+
+
+def test_a_torn_tail_is_cut_at_the_last_whole_record(tmp_path: Path) -> None:
+    batch = events(20)
+    outbox = make_outbox(tmp_path)
+    outbox.open()
+    for event in batch:
+        outbox.append(event)
+    active = outbox._active
+    assert active is not None
+    # Half a record, as a process killed in the middle of append leaves it.
+    torn = encode_frame(events(1, "torn")[0])
+    active.map[active.position : active.position + len(torn) // 2] = torn[: len(torn) // 2]
+    kill(outbox)
+
+    reopened = make_outbox(tmp_path)
+    (segment,) = reopened.open()
+    try:
+        assert events_in(reopened, segment) == batch
+        assert read_quarantine(tmp_path) == []
+    finally:
+        reopened.close()
+
+
+def fill(outbox: Outbox, batch: list[Event]) -> tuple[list[Event], OutboxError | None]:
+    """Append until the outbox refuses; return what it took and the refusal."""
+    accepted: list[Event] = []
+    for event in batch:
+        try:
+            outbox.append(event)
+        except OutboxError as exc:
+            return accepted, exc
+        accepted.append(event)
+    return accepted, None
+
+
+def write_sealed(directory: Path, batch: list[Event]) -> Path:
+    outbox = make_outbox(directory, wal=False)
+    outbox.open()
+    segment = outbox.spill(batch)
+    outbox.close()
+    return segment.path
+
+
+@pytest.mark.parametrize("where", ["payload", "length"])
+def test_flipped_bytes_quarantine_the_record_and_the_others_flow(
+    tmp_path: Path, where: str
+) -> None:
+    batch = events(30)
+    path = write_sealed(tmp_path, batch)
+    data = bytearray(path.read_bytes())
+    offsets = [offset for offset, _ in scan(bytes(data)).frames]
+    hit = 12
+    spot = offsets[hit] + (HEADER.size + 5 if where == "payload" else 1)
+    data[spot] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    outbox = make_outbox(tmp_path, wal=False)
+    outbox.open()
+    try:
+        (segment,) = outbox.replayable()
+        assert events_in(outbox, segment) == batch[:hit] + batch[hit + 1 :]
+        assert outbox.quarantined == 1
+        # Quarantined once, however often the segment is read.
+        assert events_in(outbox, segment) == batch[:hit] + batch[hit + 1 :]
+        assert outbox.quarantined == 1
+    finally:
+        outbox.close()
+    (entry,) = read_quarantine(tmp_path)
+    assert entry.segment == path.name
+    assert entry.offset == offsets[hit]
+    assert entry.length == offsets[hit + 1] - offsets[hit]
+    reason = "checksum mismatch" if where == "payload" else "truncated record"
+    assert entry.reason.startswith(reason) or entry.reason.startswith("impossible length")
+    assert where == "length" or entry.reason == "checksum mismatch"
+
+
+def test_a_sealed_segment_truncated_mid_record_quarantines_the_torn_record(
+    tmp_path: Path,
+) -> None:
+    batch = events(10)
+    path = write_sealed(tmp_path, batch)
+    data = path.read_bytes()
+    last = scan(data).frames[-1][0]
+    path.write_bytes(data[: last + 10])
+    outbox = make_outbox(tmp_path, wal=False)
+    outbox.open()
+    try:
+        (segment,) = outbox.replayable()
+        assert events_in(outbox, segment) == batch[:-1]
+    finally:
+        outbox.close()
+    (entry,) = read_quarantine(tmp_path)
+    assert entry.offset == last
+    assert entry.reason.startswith("truncated")
+
+
+def test_the_cap_refuses_a_new_segment_and_keeps_the_existing_ones(tmp_path: Path) -> None:
+    outbox = make_outbox(tmp_path, max_bytes=3 * 8192, segment_bytes=8192)
+    outbox.open()
+    try:
+        accepted, error = fill(outbox, events(10_000))
+        assert isinstance(error, OutboxFull)
+        assert "outbox_max_bytes=24576" in str(error)
+        # Stems: the fsync thread may be renaming a full segment from .open to .seg.
+        before = sorted(path.stem for path in tmp_path.iterdir())
+        with pytest.raises(OutboxFull):
+            outbox.append(events(1)[0])
+        assert sorted(path.stem for path in tmp_path.iterdir()) == before
+        assert outbox.refused == 2
+    finally:
+        outbox.close()
+    assert stored(tmp_path) == accepted
+    segments, size, _ = directory_figures(tmp_path)
+    assert segments >= 2
+    assert size <= 3 * 8192
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB tmpfs (the suite runs as root, as scripts/install-test-deps needs)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_refuses_with_enospc_and_keeps_what_was_sealed(
+    tiny_filesystem: Path,
+) -> None:
+    outbox = make_outbox(tiny_filesystem, segment_bytes=64 * 1024)
+    outbox.open()
+    try:
+        accepted, error = fill(outbox, events(100_000))
+        assert isinstance(error, OutboxFull)
+        assert "ENOSPC" in str(error)
+        # A spill meets the same full disk, says so, and leaves no partial file.
+        with pytest.raises(OutboxFull, match=r"ENOSPC|outbox_max_bytes"):
+            outbox.spill(events(5000, "spill"))
+        assert not list(tiny_filesystem.glob("*.tmp"))
+    finally:
+        with contextlib.suppress(OutboxError):
+            outbox.close()
+    assert stored(tiny_filesystem) == accepted
+    assert len(accepted) > 500
+
+
+def test_wal_needs_the_directory_to_itself(tmp_path: Path) -> None:
+    first = make_outbox(tmp_path)
+    first.open()
+    try:
+        with pytest.raises(OutboxError, match="in use by another buffer"):
+            make_outbox(tmp_path).open()
+        spiller = make_outbox(tmp_path, wal=False)
+        assert spiller.open() == []
+        assert not spiller.owner
+        spiller.close()
+    finally:
+        first.close()
+
+
+def wal_settings(directory: Path, **changes: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": str(directory),
+        "durability": "wal",
+        "outbox_max_bytes": 3 * 8192,
+        "outbox_segment_bytes": 8192,
+        "flush_interval": 60.0,
+        **changes,
+    }
+    return Settings(**values)
+
+
+@pytest.mark.anyio
+async def test_track_at_the_outbox_cap_drops_newest_and_says_so(tmp_path: Path) -> None:
+    async with AnalyticsBuffer(wal_settings(tmp_path), sink=MemorySink()) as buffer:
+        results = [buffer.track(event) for event in events(500)]
+        stats = buffer.stats()
+    taken = results.count(True)
+    # Room can come back (a sealed segment is cut to its size): refusals need not be last.
+    assert 0 < taken < 500
+    assert results[0] is True
+    assert stats.accepted == taken
+    assert stats.dropped == stats.outbox_refused == 500 - taken
+
+
+def track_until_refused(buffer: AnalyticsBuffer, batch: list[Event]) -> Exception | None:
+    for event in batch:
+        try:
+            buffer.track(event)
+        except BufferFull as exc:
+            return exc
+    return None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("overflow", ["raise", "block"])
+async def test_track_and_put_at_the_outbox_cap_raise_outbox_full(
+    tmp_path: Path, overflow: str
+) -> None:
+    settings = wal_settings(tmp_path, overflow=overflow)
+    async with AnalyticsBuffer(settings, sink=MemorySink()) as buffer:
+        refusal = track_until_refused(buffer, events(500))
+        assert isinstance(refusal, OutboxFull)
+        assert "outbox_max_bytes=24576" in str(refusal)
+        with pytest.raises(BufferFull, match="outbox full"):
+            await buffer.put(events(1)[0])
+        accepted = buffer.stats().accepted
+        await buffer.flush()
+        assert buffer.stats().written == accepted
+
+
+def test_a_failed_fsync_stops_the_log_and_keeps_what_was_sealed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the page cache may have dropped the data: the log refuses
+    every later event with the error instead of retrying as if nothing happened."""
+    outbox = make_outbox(tmp_path, segment_bytes=8192)
+    outbox.open()
+    sealed = events(100)
+    for event in sealed:
+        outbox.append(event)
+    outbox.seal()
+    outbox.append(events(1, "unsynced")[0])
+
+    def fail(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", fail)
+        outbox._sync_once()
+    with pytest.raises(OutboxError, match="Input/output error"):
+        outbox.append(events(1, "late")[0])
+    assert outbox.refused == 1
+    kill(outbox)
+    assert stored(tmp_path)[: len(sealed)] == sealed
+
+
+def test_an_unusable_directory_fails_wal_but_not_memory(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    with pytest.raises(OutboxError, match="cannot use the outbox directory"):
+        make_outbox(blocked / "outbox").open()
+    memory = make_outbox(blocked / "outbox", wal=False)
+    assert memory.open() == []
+    assert not memory.owner
+    with pytest.raises(OutboxError):
+        memory.spill(events(1))
+    memory.close()
