@@ -99,7 +99,7 @@ async def settle_all(
         outcomes = []
         for work in claim.sessions:
             state = msgspec.structs.replace(work.state, ended=work.state.ended or end)
-            written = [str(item.id) for item in work.pending] if write else []
+            written = [item.id for item in work.pending] if write else []
             outcomes.append(SessionOutcome(key=work.key, state=state, written=written))
         assert await store.complete(claim, outcomes)
     return works
@@ -183,7 +183,7 @@ async def test_complete_removes_written_events_and_stores_the_state(store: Sessi
     await store.add([kept, gone], NOW)
     claims, works = await claim_all(store)
     state = msgspec.structs.replace(works[KEY].state, screen_views=3)
-    outcome = SessionOutcome(key=KEY, state=state, written=[str(gone.id)])
+    outcome = SessionOutcome(key=KEY, state=state, written=[gone.id])
     (claim,) = claims
     assert await store.complete(claim, [outcome])
 
@@ -252,7 +252,7 @@ async def test_history_is_sorted_and_trimmed(store: SessionStore) -> None:
     found = await store.history([KEY, ("p1", "clicks-only"), ("p1", "unknown")])
 
     assert [mark.path for mark in found[KEY]] == ["/1", "/2", "/3"]
-    assert found[KEY][0].id == str(views[1].id)
+    assert found[KEY][0].id == views[1].id
     assert found[KEY][0].created_ms == epoch_ms(views[1].created_at)
     assert found["p1", "clicks-only"] == []
     assert ("p1", "unknown") not in found
@@ -290,7 +290,7 @@ async def test_cleanup_removes_only_ended_stale_sessions_without_pending(
             SessionOutcome(
                 key=work.key,
                 state=msgspec.structs.replace(work.state, ended=work.key[1] != "open"),
-                written=ids(work.pending),
+                written=[item.id for item in work.pending],
             )
             for work in claim.sessions
         ]
@@ -424,7 +424,7 @@ async def test_an_expired_claim_passes_to_another_and_its_complete_changes_nothi
 
     work = stale.sessions[0]
     ended = msgspec.structs.replace(work.state, ended=True, screen_views=1)
-    outcome = SessionOutcome(key=KEY, state=ended, written=[str(view.id)])
+    outcome = SessionOutcome(key=KEY, state=ended, written=[view.id])
     async with Redis.from_url(redis_url) as client:
         before = await dump(client)
         assert not await first.complete(stale, [outcome])
@@ -448,6 +448,8 @@ async def dump(client: Redis) -> dict[bytes, Any]:
             found[key] = await client.hgetall(key)
         elif kind == "set":
             found[key] = await client.smembers(key)
+        elif kind == "list":
+            found[key] = await client.lrange(key, 0, -1)
         else:
             found[key] = await client.zrange(key, 0, -1, withscores=True)
     return found
@@ -497,8 +499,8 @@ async def test_every_key_carries_its_shards_hash_tag(redis_url: str) -> None:
             assert key == store.session_keys(key_of)[role]
         else:
             assert key == store.shard_keys(shard)[role]
-    expected = store.session_keys(("p1", "s7"))
-    assert {expected["state"], expected["history"]} <= set(keys)
+    expected = store.shard_keys(shard_of(("p1", "s7"), 16))
+    assert {expected[role] for role in ("inbox", "sessions", "index", "done", "claim")} <= set(keys)
     assert store.session_keys(("p1", "long"))["written"] in keys
 
 

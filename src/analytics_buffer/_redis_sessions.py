@@ -3,7 +3,7 @@
 It behaves as :class:`~analytics_buffer._session_store.MemorySessionStore`
 does, with claims made exclusive by a lease, so several service instances
 share the sessions. It needs Redis 7.0 or later (the scripts' ``#!lua``
-flags, ``SMISMEMBER``, ``ZADD GT``).
+flags, ``SMISMEMBER``).
 
 Key layout. A session's key string is ``<len(project_id)>:<project_id>:<session_id>``
 (unambiguous whatever the ids contain), and its shard is
@@ -15,61 +15,65 @@ the layout fits Redis Cluster (the client here is a plain
 =====================================  ======  ==============================================
 key                                    type    holds
 =====================================  ======  ==============================================
-``{ab:k}:state:<session>``             HASH    the session's state, and its events by id:
-                                               pending ones, and empty fields for the
-                                               written ones (see :mod:`._redis_scripts`)
-``{ab:k}:history:<session>``           ZSET    msgpack ScreenViewMarks by ``created_ms``,
-                                               the latest ``MAX_HISTORY``
-``{ab:k}:written:<session>``           SET     ids written, moved out of a long session's
-                                               state hash (past ``COMPACT_AT`` fields)
+``{ab:k}:inbox``                       LIST    what adds brought and no claim merged yet:
+                                               one entry per add (and shard), the add's
+                                               events grouped by session
+``{ab:k}:sessions``                    HASH    one packed value per session: its state,
+                                               pending events, written ids (the latest
+                                               ``INLINE_WRITTEN``) and screen_view history
+``{ab:k}:written:<session>``           SET     older written ids of a long session
 ``{ab:k}:index``                       ZSET    open sessions, scored by ``last_seen`` (s)
 ``{ab:k}:ended``                       ZSET    ended sessions, scored by ``last_seen``
-``{ab:k}:dirty``                       SET     sessions with new pending events
-``{ab:k}:inflight``                    SET     the dirty sessions handed to the live claim
 ``{ab:k}:claim``                       STRING  the claim's token, with the lease as ``PX``
 ``{ab:k}:done``                        STRING  the token of the last completed claim
 ``{ab:lsv}:<len>:<project>:<profile>`` STRING  the profile's last screen_view:
                                                ``<created_ms, 13 digits>|<msgpack Event>``
 =====================================  ======  ==============================================
 
-The state is a hash of plain fields, merged by the scripts (min, max, first
-non-empty) without decoding anything. Pending events and written ids live
-in the same hash (ids as their 16 bytes) because each call a script makes
-to Redis costs more than the Lua around it: one ``HMGET`` reads the state
-and tells, for each new id, whether it is pending already or written; one
-``HSET`` stores it all. Every key expires ``retention`` seconds after it was
-last written; a session's keys are renewed together, by an add, at most
-every ``retention / 100`` seconds (so they expire together). All
-last-screen-view keys share one slot, so one call per
-:meth:`~RedisSessionStore.add` updates them.
+Why this shape: Redis runs one command at a time on one core, and every
+command (from a pipeline or from Lua) costs about a microsecond, more than
+copying a few hundred bytes. So an add costs O(1) commands per shard
+(``RPUSH`` of one packed entry), whatever its number of events and sessions,
+and the claim holder does the merging (min/max of the bounds, dedup by id,
+arrival order, history) in Python, where it reads and writes each touched
+session's value once per claim (one ``HMGET`` and one ``HSET`` per shard).
+Only the holder of a shard's claim writes its ``sessions`` hash and trims
+its inbox, so the merge needs no lock beyond the claim.
 
 Scripts (:mod:`._redis_scripts`), registered once and run by ``EVALSHA``;
 a script the server lost (restart, ``SCRIPT FLUSH``) is loaded and only the
 calls that missed it are sent again:
 
-* ``add``: one call per touched shard (split to bound its run time), all in
-  one pipeline with the last-screen-view update: one round trip per
-  :meth:`~RedisSessionStore.add`. Running it twice changes nothing more, so
-  a caller may retry it.
+* ``add``: per shard, ``RPUSH`` of the add's entries, in one pipeline with
+  the last-screen-view update: one round trip per
+  :meth:`~RedisSessionStore.add`. Running it twice changes nothing more
+  (ids already pending or written are recognised at the merge), so a caller
+  may retry it.
 * ``claim``: takes the shard (``SET claim PX`` after checking it is free,
-  atomically, and only when the shard has work), up to ``claim_size`` dirty
-  sessions (moved to ``inflight``) and idle ones, with their pending events.
-  The sessions of a claim whose lease ran out before ``complete`` are dirty
-  again for the next one.
-* ``complete``: fenced by the token; applies the outcomes, releases the
-  claim and records the token in ``done``, so a retried complete whose first
-  attempt got through still answers ``True``.
-* ``cleanup``: removes ended, stale sessions that have nothing pending.
+  atomically, and only when the shard has work) and returns inbox entries
+  from its head (up to ``claim_size`` sessions) and, when the whole inbox
+  is taken, idle sessions. Nothing is removed: a claim whose lease runs out
+  before ``complete`` leaves everything for the next one.
+* ``complete``: fenced by the token; writes the merged, settled sessions,
+  trims the entries the claim merged, releases the claim and records the
+  token in ``done``, so a retried complete whose first attempt got through
+  still answers ``True``.
+* ``cleanup``: removes ended, stale sessions that have nothing pending
+  (skipping a claimed shard, whose holder may write them back).
 
-Pending events come back in arrival order (the first arrival of an id keeps
-its place), as from the in-memory store. Redis errors leave as
-:class:`~analytics_buffer.StoreUnavailable` (:func:`map_exceptions`);
-redis-py's own retries are off, so the caller decides when to retry.
+Every key expires ``retention`` seconds after it was last written (the
+``sessions`` hash, index and inbox are renewed by every add or complete);
+stale sessions inside them are removed by ``cleanup``.
+
+Redis errors leave as :class:`~analytics_buffer.StoreUnavailable`
+(:func:`map_exceptions`); redis-py's own retries are off, so the caller
+decides when to retry.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, cast, final
@@ -94,15 +98,96 @@ from ._sessions import (
     epoch_ms,
 )
 
-__all__ = ("RedisSessionStore", "map_exceptions", "session_key")
+__all__ = ("INLINE_WRITTEN", "RedisSessionStore", "map_exceptions", "session_key")
 
-_SCRIPT_EVENTS: Final = 2048
-"""Sessions plus events per ``add`` script call: bounds how long one call blocks Redis."""
+INLINE_WRITTEN: Final = 256
+"""Written ids a session's value keeps; past that they move to its written set."""
+_ENTRY_EVENTS: Final = 20_000
+"""Events per inbox entry at most: bounds what one claim merges."""
+_HISTORY_SLACK: Final = MAX_HISTORY // 4
+"""Marks beyond ``MAX_HISTORY`` a value may hold before it is trimmed (amortised)."""
 _CLEANUP_BATCH: Final = 1000
+_SENT_EVENTS: Final = 1_000_000
+"""Events of this store's own inbox entries kept decoded, so its claims need not
+decode them again; past this the oldest are dropped (and decoded if claimed)."""
 _SESSION_EVENTS: Final = frozenset((SCREEN_VIEW, SESSION_END))
 _STR8: Final = [b"\xd9" + bytes((size,)) for size in range(256)]
-_ID_HEAD: Final = _STR8[16]
 _Call = tuple[AsyncScript, Sequence[str], Sequence[str | bytes]]
+_Record = tuple[str, int, int, str, list[Event]]
+"""One session's part of an add: key string, first_ms, last_ms, profile_id, session events."""
+
+
+class _Entry(msgspec.Struct, array_like=True, frozen=True):
+    now: float
+    records: list[_Record]
+
+
+class _Stored(msgspec.Struct, array_like=True):
+    """A session's value in the ``sessions`` hash (after its flag byte)."""
+
+    first_ms: int
+    last_ms: int
+    last_seen: float
+    profile: str
+    screen_views: int
+    ended: bool
+    pending: list[msgspec.Raw]
+    """Pending events, encoded, in arrival order."""
+    written: bytes
+    """Written ids, 16 bytes each (the latest ones when ``spilled``)."""
+    spilled: bool
+    """Older written ids are in the session's written set."""
+    history: bytes
+    """``marks`` encoded ScreenViewMarks, concatenated, in arrival order."""
+    marks: int
+
+
+@final
+class _Merged:
+    """One session as a claim sees it: its stored value with the inbox merged in."""
+
+    __slots__ = (
+        "ended_before",
+        "history",
+        "marks",
+        "name",
+        "new_marks",
+        "new_written",
+        "pending",
+        "raw",
+        "spilled",
+        "state",
+        "touched",
+        "written",
+    )
+
+    def __init__(self, name: str, state: SessionState, stored: _Stored | None) -> None:
+        self.name = name
+        self.state = state
+        self.pending: dict[int, Event] = {}
+        self.raw: dict[int, msgspec.Raw] = {}
+        self.new_marks: list[tuple[int, uuid.UUID, str, str]] = []
+        self.new_written: list[bytes] = []
+        self.touched = False
+        self.ended_before = state.ended
+        if stored is None:
+            self.written, self.spilled, self.history, self.marks = b"", False, b"", 0
+        else:
+            self.written, self.spilled = stored.written, stored.spilled
+            self.history, self.marks = stored.history, stored.marks
+
+
+@final
+class _Held:
+    """What a claim merged, kept until its complete."""
+
+    __slots__ = ("consumed", "merged", "own", "shard")
+
+    def __init__(self, shard: int, consumed: int, merged: dict[str, _Merged], own: list[int]):
+        self.shard = shard
+        self.consumed = consumed
+        self.merged = merged
+        self.own = own
 
 
 @contextmanager
@@ -130,8 +215,8 @@ def session_key(key: SessionKey) -> str:
     return f"{len(project_id)}:{project_id}:{session_id}"
 
 
-def _parse_session_key(raw: bytes) -> SessionKey:
-    length, _, rest = raw.decode().partition(":")
+def _parse_session_key(name: str) -> SessionKey:
+    length, _, rest = name.partition(":")
     size = int(length)
     return rest[:size], rest[size + 1 :]
 
@@ -146,9 +231,19 @@ def _lua_str(data: bytes) -> msgspec.Raw:
     return msgspec.Raw(b"\xdb" + size.to_bytes(4) + data)
 
 
-def _id_bytes(event_id: str) -> bytes:
-    # Outcomes carry str(uuid); fields hold the 16 bytes.
-    return bytes.fromhex(event_id.replace("-", ""))
+def _array_body(encoded: bytes, count: int) -> bytes:
+    """A msgpack array's items without its header (to concatenate arrays)."""
+    return encoded[1 if count < 16 else 3 if count < 65536 else 5 :]
+
+
+def _has_id(written: bytes, event_id: bytes) -> bool:
+    """Whether the 16-byte ``event_id`` is one of the ids packed in ``written``."""
+    at = written.find(event_id)
+    while at >= 0:
+        if at % 16 == 0:
+            return True
+        at = written.find(event_id, at + 1)
+    return False
 
 
 @final
@@ -161,8 +256,9 @@ class RedisSessionStore:
         claims (every instance must use the same number)
     :param retention: seconds every key lives after it was last written
     :param socket_timeout: seconds to wait for a connection or a reply
-    :param claim_size: at most this many sessions per claim; the rest of a
-        shard's work stays for the next claim
+    :param claim_size: at most this many sessions per claim (one add's
+        entry counts whole: adds are split into entries of at most this
+        many sessions); the rest of a shard's work stays for the next claim
     """
 
     def __init__(
@@ -173,7 +269,7 @@ class RedisSessionStore:
         shards: int = 16,
         retention: float = 86400.0,
         socket_timeout: float = 5.0,
-        claim_size: int = 1000,
+        claim_size: int = 4000,
     ) -> None:
         if shards < 1 or claim_size < 1 or retention <= 0:
             raise ValueError("shards and claim_size must be >= 1, retention > 0")
@@ -185,34 +281,53 @@ class RedisSessionStore:
         )
         self._shards = shards
         self._ttl_ms = str(max(1, round(retention * 1000)))
-        self._renew = repr(retention / 100)
-        self._claim_size = str(claim_size)
+        self._claim_size = claim_size
         self._tags = [f"{{{prefix}:{shard}}}:" for shard in range(shards)]
         self._lsv_tag = f"{{{prefix}:lsv}}:"
-        self._encoder = msgspec.msgpack.Encoder()
+        # Ids as their 16 bytes: smaller entries, cheaper to decode.
+        self._encoder = msgspec.msgpack.Encoder(uuid_format="bytes")
         self._event_decoder = msgspec.msgpack.Decoder(Event)
-        self._mark_decoder = msgspec.msgpack.Decoder(ScreenViewMark)
+        self._entry_decoder = msgspec.msgpack.Decoder(_Entry)
+        self._stored_decoder = msgspec.msgpack.Decoder(_Stored)
+        self._marks_decoder = msgspec.msgpack.Decoder(list[ScreenViewMark])
         self._add = self._redis.register_script(scripts.ADD)
         self._last_screen_view = self._redis.register_script(scripts.LAST_SCREEN_VIEW)
         self._claim = self._redis.register_script(scripts.CLAIM)
+        self._states = self._redis.register_script(scripts.STATES)
+        self._spilled = self._redis.register_script(scripts.SPILLED)
         self._complete = self._redis.register_script(scripts.COMPLETE)
         self._cleanup = self._redis.register_script(scripts.CLEANUP)
         self._rotation = int.from_bytes(os.urandom(2))
+        # Entry ids: unique across instances, so a claim knows its own entries.
+        self._entry_prefix = int.from_bytes(os.urandom(6)) << 32
+        self._entries = 0
+        self._sent: dict[int, tuple[int, _Entry]] = {}
+        self._sent_events = 0
+        self._names: dict[SessionKey, tuple[str, int]] = {}
+        self._held: dict[str, _Held] = {}
 
     def shard_keys(self, shard: int) -> dict[str, str]:
         """The fixed keys of ``shard`` by role (for tests and operators)."""
         tag = self._tags[shard]
-        roles = ("index", "ended", "dirty", "inflight", "claim", "done")
+        roles = ("inbox", "sessions", "index", "ended", "claim", "done")
         return {role: tag + role for role in roles}
 
     def session_keys(self, key: SessionKey) -> dict[str, str]:
         """The keys of one session by role (for tests and operators)."""
         tag, name = self._tags[shard_of(key, self._shards)], session_key(key)
-        return {role: f"{tag}{role}:{name}" for role in ("state", "history", "written")}
+        return {"written": f"{tag}written:{name}"}
 
     def last_screen_view_key(self, project_id: str, profile_id: str) -> str:
         """The key of a profile's last screen_view."""
         return f"{self._lsv_tag}{len(project_id)}:{project_id}:{profile_id}"
+
+    def _name(self, key: SessionKey) -> tuple[str, int]:
+        known = self._names.get(key)
+        if known is None:
+            if len(self._names) >= 100_000:
+                self._names.clear()
+            known = self._names[key] = (session_key(key), shard_of(key, self._shards))
+        return known
 
     async def add(self, events: Sequence[Event], now: float) -> None:
         """Record events that carry a session_id, arrived at wall-clock ``now``.
@@ -223,89 +338,92 @@ class RedisSessionStore:
         """
         if not events:
             return
-        # Coalesce per session: [first_ms, last_ms, profile_id, {id: (event, created_ms)}]
+        # Coalesce per session: [name, first_ms, last_ms, profile_id, session events]
         sessions: dict[SessionKey, list[Any]] = {}
-        latest: dict[tuple[str, str], tuple[int, bytes]] = {}
+        latest: dict[tuple[str, str], tuple[int, Event]] = {}
         for event in events:
             key = (event.project_id, event.session_id)
             created = epoch_ms(event.created_at)
-            batch = sessions.get(key)
-            if batch is None:
-                batch = sessions[key] = [created, created, event.profile_id, {}]
+            record = sessions.get(key)
+            if record is None:
+                record = sessions[key] = [key, created, created, event.profile_id, []]
             else:
-                if created < batch[0]:
-                    batch[0] = created
-                elif created > batch[1]:
-                    batch[1] = created
-                if not batch[2]:
-                    batch[2] = event.profile_id
+                if created < record[1]:
+                    record[1] = created
+                elif created > record[2]:
+                    record[2] = created
+                if not record[3]:
+                    record[3] = event.profile_id
             name = event.name
             if key[1] and name in _SESSION_EVENTS:
-                event_id = event.id.bytes
-                batch[3][event_id] = (event, created)
+                record[4].append(event)
                 if name == SCREEN_VIEW:
                     profile = (key[0], event.profile_id)
                     known = latest.get(profile)
                     if known is None or known[0] <= created:
-                        latest[profile] = (created, event_id)
-        payloads: dict[bytes, bytes] = {}
-        calls = self._add_calls(sessions, repr(float(now)), payloads)
+                        latest[profile] = (created, event)
+        calls = self._add_calls(sessions, now)
         if latest:
+            encode = self._encoder.encode
             views = [
                 (
                     f"{len(project_id)}:{project_id}:{profile_id}",
-                    _lua_str(b"%013d|" % created + payloads[event_id]),
+                    _lua_str(b"%013d|" % created + encode(event)),
                 )
-                for (project_id, profile_id), (created, event_id) in latest.items()
+                for (project_id, profile_id), (created, event) in latest.items()
             ]
-            args: list[str | bytes] = [self._ttl_ms, self._encoder.encode(views)]
+            args: list[str | bytes] = [self._ttl_ms, encode(views)]
             calls.append((self._last_screen_view, [self._lsv_tag], args))
         with map_exceptions("add"):
             await self._run(calls)
 
-    def _add_calls(
-        self, sessions: dict[SessionKey, list[Any]], now: str, payloads: dict[bytes, bytes]
-    ) -> list[_Call]:
-        """One ``add`` script call per shard (or part of one), filling ``payloads``."""
+    def _add_calls(self, sessions: dict[SessionKey, list[Any]], now: float) -> list[_Call]:
+        """One ``add`` script call per shard, its entries split to bound each claim."""
+        by_shard: dict[int, list[_Record]] = {}
+        for record in sessions.values():
+            name, shard = self._name(record[0])
+            record[0] = name
+            by_shard.setdefault(shard, []).append(cast("_Record", tuple(record)))
         encode = self._encoder.encode
-        by_shard: dict[int, list[list[Any]]] = {}
-        for key, (first, last, profile, pending) in sessions.items():
-            record: list[Any] = [session_key(key), str(first), str(last), profile]
-            for event_id, (event, created) in pending.items():
-                payload = payloads[event_id] = encode(event)
-                # Ids are 16 bytes: their msgpack str header is fixed.
-                raw_id = msgspec.Raw(_ID_HEAD + event_id)
-                if event.name == SCREEN_VIEW:
-                    mark = encode((created, event.id, event.path, event.origin))
-                    record += (raw_id, _lua_str(payload), str(created), _lua_str(mark))
-                else:
-                    record += (raw_id, _lua_str(payload), "", "")
-            by_shard.setdefault(shard_of(key, self._shards), []).append(record)
         calls: list[_Call] = []
         for shard, records in by_shard.items():
-            tag = self._tags[shard]
-            keys = [tag + "index", tag + "dirty", tag + "ended"]
-            head = [tag, now, self._ttl_ms, self._renew, str(MAX_HISTORY)]
-            # Split so that one call does not block Redis for long.
-            chunk: list[list[Any]] = []
-            size = 0
-            for record in records:
-                chunk.append(record)
-                size += len(record) // 4
-                if size >= _SCRIPT_EVENTS:
-                    calls.append((self._add, keys, [*head, encode(chunk)]))
-                    chunk, size = [], 0
-            if chunk:
-                calls.append((self._add, keys, [*head, encode(chunk)]))
+            entries: list[str | bytes] = [self._ttl_ms]
+            start = 0
+            while start < len(records):
+                end, events = start, 0
+                while end < len(records) and end - start < self._claim_size:
+                    events += len(records[end][4])
+                    end += 1
+                    if events >= _ENTRY_EVENTS:
+                        break
+                entry = _Entry(now, records[start:end])
+                self._entries += 1
+                entry_id = self._entry_prefix | (self._entries & 0xFFFFFFFF)
+                self._remember_sent(entry_id, shard, entry, events)
+                entries.append(b"%d:%d:" % (end - start, entry_id) + encode(entry))
+                start = end
+            calls.append((self._add, [self._tags[shard] + "inbox"], entries))
         return calls
+
+    def _remember_sent(self, entry_id: int, shard: int, entry: _Entry, events: int) -> None:
+        self._sent[entry_id] = (shard, entry)
+        self._sent_events += events
+        while self._sent_events > _SENT_EVENTS and self._sent:
+            oldest = next(iter(self._sent))
+            self._forget_sent(oldest)
+
+    def _forget_sent(self, entry_id: int) -> None:
+        sent = self._sent.pop(entry_id, None)
+        if sent is not None:
+            self._sent_events -= sum(len(record[4]) for record in sent[1].records)
 
     async def claim(
         self, owner: str, now: float, *, timeout: float, lease: float, limit: int
     ) -> list[Claim]:
         """Claim up to ``limit`` shards that have work, for ``lease`` seconds.
 
-        A shard has work when it holds dirty sessions or open sessions last
-        seen at or before ``now - timeout`` (returned with ``idle=True``).
+        A shard has work when its inbox holds entries or open sessions were
+        last seen at or before ``now - timeout`` (returned with ``idle=True``).
         The lease runs on the Redis server's clock.
 
         :raises StoreUnavailable: Redis cannot be reached
@@ -328,17 +446,17 @@ class RedisSessionStore:
                 calls: list[_Call] = []
                 for shard, token in zip(batch, tokens, strict=True):
                     tag = self._tags[shard]
-                    keys = [tag + "claim", tag + "dirty", tag + "index", tag + "inflight"]
-                    args = [token, lease_ms, repr(idle_before), self._claim_size, tag, self._ttl_ms]
+                    keys = [tag + "claim", tag + "inbox", tag + "index", tag + "done"]
+                    args = [token, lease_ms, repr(idle_before), str(self._claim_size)]
                     calls.append((self._claim, keys, args))
                 replies = await self._run(calls)
-                for shard, token, reply in zip(batch, tokens, replies, strict=True):
-                    if reply:
-                        sessions = [
-                            self._work(reply[at], reply[at + 1], idle_before)
-                            for at in range(0, len(reply), 2)
-                        ]
-                        found.append(Claim(shard=shard, token=token, sessions=sessions))
+                granted = [
+                    (shard, token, reply)
+                    for shard, token, reply in zip(batch, tokens, replies, strict=True)
+                    if reply
+                ]
+                if granted:
+                    found += await self._merge(granted, idle_before)
         found.sort(key=lambda claim: claim.shard)
         return found
 
@@ -347,99 +465,352 @@ class RedisSessionStore:
             for shard in shards:
                 tag = self._tags[shard]
                 pipe.exists(tag + "claim")
-                pipe.scard(tag + "dirty")
-                pipe.scard(tag + "inflight")
+                pipe.llen(tag + "inbox")
                 pipe.zcount(tag + "index", "-inf", repr(idle_before))
             replies = await pipe.execute()
         return [
             shard
             for at, shard in enumerate(shards)
-            if not replies[4 * at] and any(replies[4 * at + 1 : 4 * at + 4])
+            if not replies[3 * at] and (replies[3 * at + 1] or replies[3 * at + 2])
         ]
 
-    def _work(self, raw_key: bytes, flat: list[bytes], idle_before: float) -> SessionWork:
-        project_id, session_id = _parse_session_key(raw_key)
-        fields: dict[bytes, bytes] = {}
-        ordered: list[tuple[int, bytes]] = []
-        for at in range(0, len(flat), 2):
-            name, value = flat[at], flat[at + 1]
-            if len(name) == 1:
-                fields[name] = value
-            elif value:  # pending; an empty value marks a written id
-                order, _, payload = value.partition(b"|")
-                ordered.append((int(order), payload))
-        ordered.sort(key=lambda pair: pair[0])
+    async def _merge(
+        self, granted: list[tuple[int, str, list[Any]]], idle_before: float
+    ) -> list[Claim]:
+        """Read the granted shards' sessions, merge their inbox entries in, hand out work."""
+        plans = []
+        for shard, token, (raw_entries, idle, _) in granted:
+            entries: list[_Entry] = []
+            own: list[int] = []
+            for raw in raw_entries:
+                _, _, rest = raw.partition(b":")
+                head, _, body = rest.partition(b":")
+                entry_id = int(head)
+                sent = self._sent.get(entry_id)
+                if sent is not None:
+                    entries.append(sent[1])
+                    own.append(entry_id)
+                else:
+                    entries.append(self._entry_decoder.decode(body))
+            names = dict.fromkeys(
+                [record[0] for entry in entries for record in entry.records]
+                + [name.decode() for name in idle]
+            )
+            plans.append((shard, token, len(raw_entries), entries, own, list(names)))
+        # The sessions' stored values: one call per shard, all in one round trip.
+        calls: list[_Call] = [
+            (self._states, [self._tags[shard] + "sessions"], [self._encoder.encode(names)])
+            for shard, _, _, _, _, names in plans
+        ]
+        values = await self._run(calls)
+        claims = []
+        merges = []
+        for (shard, token, consumed, entries, own, names), stored in zip(
+            plans, values, strict=True
+        ):
+            merged = {
+                name: self._load(name, value) for name, value in zip(names, stored, strict=True)
+            }
+            merges.append((shard, token, consumed, entries, own, merged))
+        already = await self._written_long_ago(merges)
+        for shard, token, consumed, entries, own, merged in merges:
+            work = self._merge_entries(entries, merged, already, idle_before)
+            self._held = {
+                held_token: held for held_token, held in self._held.items() if held.shard != shard
+            }
+            self._held[token] = _Held(shard, consumed, merged, own)
+            claims.append(Claim(shard=shard, token=token, sessions=work))
+        return claims
+
+    def _load(self, name: str, value: bytes | None) -> _Merged | None:
+        if value is None:
+            return None
+        stored = self._stored_decoder.decode(memoryview(value)[1:])
+        project_id, session_id = _parse_session_key(name)
         state = SessionState(
             project_id=project_id,
             session_id=session_id,
-            profile_id=fields[b"p"].decode(),
-            first_ms=int(fields[b"f"]),
-            last_activity_ms=int(fields[b"l"]),
-            last_seen=float(fields[b"s"]),
-            screen_views=int(fields[b"v"]),
-            ended=fields[b"e"] == b"1",
+            profile_id=stored.profile,
+            first_ms=stored.first_ms,
+            last_activity_ms=stored.last_ms,
+            last_seen=stored.last_seen,
+            screen_views=stored.screen_views,
+            ended=stored.ended,
         )
+        merged = _Merged(name, state, stored)
         decode = self._event_decoder.decode
-        return SessionWork(
-            key=(project_id, session_id),
-            state=state,
-            pending=[decode(payload) for _, payload in ordered],
-            idle=not state.ended and state.last_seen <= idle_before,
-        )
+        for raw in stored.pending:
+            event = decode(raw)
+            event_id = event.id.int
+            merged.pending[event_id] = event
+            merged.raw[event_id] = raw
+        return merged
+
+    async def _written_long_ago(
+        self, merges: list[tuple[int, str, int, list[_Entry], list[int], dict[str, _Merged | None]]]
+    ) -> set[int]:
+        """Ids of the entries' events found in the written sets of long sessions."""
+        calls: list[_Call] = []
+        asked: list[list[Event]] = []
+        for shard, _, _, entries, _, merged in merges:
+            asks: dict[str, list[Event]] = {}
+            for entry in entries:
+                for name, _, _, _, events in entry.records:
+                    session = merged.get(name)
+                    if session is not None and session.spilled and events:
+                        asks.setdefault(name, []).extend(events)
+            if asks:
+                payload = [
+                    [name, *(_lua_str(event.id.bytes) for event in events)]
+                    for name, events in asks.items()
+                ]
+                calls.append((self._spilled, [self._tags[shard]], [self._encoder.encode(payload)]))
+                asked += asks.values()
+        if not calls:
+            return set()
+        already: set[int] = set()
+        replies = await self._run(calls)
+        flags = [flag for reply in replies for flag in reply]
+        for events, found in zip(asked, flags, strict=True):
+            already.update(event.id.int for event, hit in zip(events, found, strict=True) if hit)
+        return already
+
+    def _merge_entries(
+        self,
+        entries: list[_Entry],
+        merged: dict[str, _Merged | None],
+        already: set[int],
+        idle_before: float,
+    ) -> list[SessionWork]:
+        """Merge inbox entries into the sessions (in arrival order); return the claim's work."""
+        for entry in entries:
+            now = entry.now
+            for name, first, last, profile, events in entry.records:
+                session = merged.get(name)
+                if session is None:
+                    project_id, session_id = _parse_session_key(name)
+                    state = SessionState(
+                        project_id=project_id,
+                        session_id=session_id,
+                        profile_id=profile,
+                        first_ms=first,
+                        last_activity_ms=last,
+                        last_seen=now,
+                    )
+                    session = merged[name] = _Merged(name, state, None)
+                else:
+                    state = session.state
+                    if first < state.first_ms:
+                        state.first_ms = first
+                    if last > state.last_activity_ms:
+                        state.last_activity_ms = last
+                    if now > state.last_seen:
+                        state.last_seen = now
+                    if not state.profile_id:
+                        state.profile_id = profile
+                pending = session.pending
+                written = session.written
+                for event in events:
+                    event_id = event.id.int
+                    if event_id in pending:
+                        # Resent while pending: it keeps its place and takes the new value.
+                        pending[event_id] = event
+                        session.raw.pop(event_id, None)
+                        session.touched = True
+                        continue
+                    if (written and _has_id(written, event.id.bytes)) or event_id in already:
+                        continue
+                    pending[event_id] = event
+                    session.touched = True
+                    if event.name == SCREEN_VIEW:
+                        session.new_marks.append(
+                            (epoch_ms(event.created_at), event.id, event.path, event.origin)
+                        )
+        work = []
+        for name, session in merged.items():
+            if session is None:
+                continue
+            state = session.state
+            idle = not state.ended and state.last_seen <= idle_before
+            if session.touched or idle:
+                work.append(
+                    SessionWork(
+                        key=_parse_session_key(name),
+                        state=msgspec.structs.replace(state),
+                        pending=list(session.pending.values()),
+                        idle=idle,
+                    )
+                )
+        return work
 
     async def complete(self, claim: Claim, outcomes: Sequence[SessionOutcome]) -> bool:
         """Apply ``outcomes`` and release ``claim``; ``False`` if the claim had expired.
 
         Fenced by the claim's token: when another claimer holds the shard now,
         nothing is applied. It stores what settling decides (``screen_views``,
-        ``ended``, the written ids); the activity fields (first and last
-        activity, last seen, profile) are kept by :meth:`add`, so what other
-        instances added meanwhile is never overwritten. A session never
-        returns from ended.
+        ``ended``, the written ids) with what the claim merged; the activity
+        that adds brought meanwhile waits in the inbox for the next claim. A
+        session never returns from ended.
 
         :raises ValueError: an outcome's session is not in the claim's shard
         :raises StoreUnavailable: Redis cannot be reached; retrying is safe
         """
-        records = []
         for outcome in outcomes:
             if shard_of(outcome.key, self._shards) != claim.shard:
                 raise ValueError(f"session {outcome.key!r} is not in shard {claim.shard}")
-            state = outcome.state
-            records.append(
-                [
-                    session_key(outcome.key),
-                    str(state.screen_views),
-                    state.ended,
-                    *(msgspec.Raw(_ID_HEAD + _id_bytes(event_id)) for event_id in outcome.written),
-                ]
-            )
+        held = self._held.get(claim.token)
         tag = self._tags[claim.shard]
-        keys = [tag + role for role in ("claim", "index", "ended", "inflight", "done")]
-        args: list[str | bytes] = [claim.token, tag, self._ttl_ms, self._encoder.encode(records)]
+        keys = [tag + role for role in ("claim", "done", "inbox", "sessions", "index", "ended")]
+        if held is None:
+            # Completed already (or never ours): the fence answers.
+            changes: list[Any] = [[], [], [], [], [], []]
+            consumed = 0
+        else:
+            changes = self._changes(held, outcomes)
+            consumed = held.consumed
+        payload = self._encoder.encode(changes)
+        args: list[str | bytes] = [claim.token, tag, self._ttl_ms, str(consumed), payload]
         with map_exceptions("complete"):
             (applied,) = await self._run([(self._complete, keys, args)])
+        if held is not None:
+            del self._held[claim.token]
+            for entry_id in held.own:
+                self._forget_sent(entry_id)
         return bool(applied)
+
+    def _changes(self, held: _Held, outcomes: Sequence[SessionOutcome]) -> list[Any]:
+        merged = held.merged
+        for outcome in outcomes:
+            session = merged.get(session_key(outcome.key))
+            if session is None:
+                continue
+            session.state.screen_views = outcome.state.screen_views
+            session.state.ended = session.state.ended or outcome.state.ended
+            pending, raw = session.pending, session.raw
+            for event_id in outcome.written:
+                number = event_id.int
+                if pending.pop(number, None) is not None:
+                    raw.pop(number, None)
+                session.new_written.append(event_id.bytes)
+        encode = self._encoder.encode
+        values: list[Any] = []
+        open_seen: list[str] = []
+        ended_seen: list[str] = []
+        unindex: list[str] = []
+        spills: list[list[Any]] = []
+        forget: list[str] = []
+        for name, session in merged.items():
+            if session is None:
+                forget.append(name)
+                continue
+            state = session.state
+            written, spilled = session.written, session.spilled
+            if session.new_written:
+                written += b"".join(session.new_written)
+                if len(written) > 16 * INLINE_WRITTEN:
+                    spills.append(
+                        [name, *(_lua_str(written[at : at + 16]) for at in range(0, len(written), 16))]
+                    )
+                    written, spilled = b"", True
+            history, marks = session.history, session.marks
+            if session.new_marks:
+                count = len(session.new_marks)
+                history += _array_body(encode(session.new_marks), count)
+                marks += count
+                if marks > MAX_HISTORY + _HISTORY_SLACK:
+                    history, marks = self._trimmed(history, marks)
+            raws = [
+                session.raw.get(number) or msgspec.Raw(encode(event))
+                for number, event in session.pending.items()
+            ]
+            stored = _Stored(
+                first_ms=state.first_ms,
+                last_ms=state.last_activity_ms,
+                last_seen=state.last_seen,
+                profile=state.profile_id,
+                screen_views=state.screen_views,
+                ended=state.ended,
+                pending=raws,
+                written=written,
+                spilled=spilled,
+                history=history,
+                marks=marks,
+            )
+            values += (name, _lua_str((b"p" if raws else b"-") + encode(stored)))
+            seen = repr(state.last_seen)
+            if state.ended:
+                ended_seen += (seen, name)
+                if not session.ended_before:
+                    unindex.append(name)
+            else:
+                open_seen += (seen, name)
+        return [values, open_seen, ended_seen, unindex, spills, forget]
+
+    def _trimmed(self, history: bytes, marks: int) -> tuple[bytes, int]:
+        """The latest ``MAX_HISTORY`` marks (by ``created_ms``), still in arrival order."""
+        decoded = self._decode_history(history, marks)
+        order = sorted(range(marks), key=lambda at: decoded[at].created_ms)
+        keep = sorted(order[-MAX_HISTORY:])
+        kept = [decoded[at] for at in keep]
+        return _array_body(self._encoder.encode(kept), len(kept)), len(kept)
+
+    def _decode_history(self, history: bytes, marks: int) -> list[ScreenViewMark]:
+        return self._marks_decoder.decode(b"\xdd" + marks.to_bytes(4) + history)
 
     async def history(self, keys: Sequence[SessionKey]) -> dict[SessionKey, list[ScreenViewMark]]:
         """The screen_view history of each session that exists, oldest first.
+
+        It includes the screen_views still in the inbox (added, not merged yet).
 
         :raises StoreUnavailable: Redis cannot be reached
         """
         if not keys:
             return {}
+        by_shard: dict[int, list[SessionKey]] = {}
+        for key in keys:
+            by_shard.setdefault(shard_of(key, self._shards), []).append(key)
         with map_exceptions("history"):
+            calls: list[_Call] = []
+            for shard, shard_keys in by_shard.items():
+                names = [session_key(key) for key in shard_keys]
+                calls.append(
+                    (self._states, [self._tags[shard] + "sessions"], [self._encoder.encode(names)])
+                )
+            values = await self._run(calls)
             async with self._redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    tag, name = self._tags[shard_of(key, self._shards)], session_key(key)
-                    pipe.exists(f"{tag}state:{name}")
-                    pipe.zrange(f"{tag}history:{name}", 0, -1)
-                replies = await pipe.execute()
-        decode = self._mark_decoder.decode
-        return {
-            key: [decode(member) for member in replies[2 * at + 1]]
-            for at, key in enumerate(keys)
-            if replies[2 * at]
-        }
+                for shard in by_shard:
+                    pipe.lrange(self._tags[shard] + "inbox", 0, -1)
+                inboxes = await pipe.execute()
+        found: dict[SessionKey, list[ScreenViewMark]] = {}
+        for (shard_keys, stored), inbox in zip(
+            zip(by_shard.values(), values, strict=True), inboxes, strict=True
+        ):
+            wanted = {session_key(key): key for key in shard_keys}
+            for key, value in zip(shard_keys, stored, strict=True):
+                if value is not None:
+                    kept = self._stored_decoder.decode(memoryview(value)[1:])
+                    found[key] = self._decode_history(kept.history, kept.marks)
+            for raw in inbox:
+                body = raw.split(b":", 2)[2]
+                for name, _, _, _, events in self._entry_decoder.decode(body).records:
+                    key = wanted.get(name)
+                    if key is None:
+                        continue
+                    marks = found.setdefault(key, [])
+                    marks += (
+                        ScreenViewMark(
+                            epoch_ms(event.created_at), event.id, event.path, event.origin
+                        )
+                        for event in events
+                        if event.name == SCREEN_VIEW
+                    )
+        for key, marks in found.items():
+            unique: dict[uuid.UUID, ScreenViewMark] = {}
+            for mark in marks:
+                unique.setdefault(mark.id, mark)
+            ordered = sorted(unique.values(), key=lambda mark: mark.created_ms)
+            found[key] = ordered[-MAX_HISTORY:]
+        return found
 
     async def last_screen_view(self, project_id: str, profile_id: str) -> Event | None:
         """The latest screen_view (by ``created_at``) of a profile.
@@ -457,7 +828,8 @@ class RedisSessionStore:
     async def cleanup(self, now: float, retention: float) -> int:
         """Forget ended sessions last seen before ``now - retention``; return how many.
 
-        Sessions that still hold pending events are kept.
+        Sessions that still hold pending events (or inbox entries) are kept;
+        a shard that is claimed right now is skipped until the next clean-up.
 
         :raises StoreUnavailable: Redis cannot be reached
         """
@@ -469,13 +841,16 @@ class RedisSessionStore:
                 calls: list[_Call] = []
                 for shard, offset in offsets.items():
                     tag = self._tags[shard]
-                    keys = [tag + "ended", tag + "index", tag + "dirty"]
+                    roles = ("claim", "inbox", "sessions", "index", "ended")
+                    keys = [tag + role for role in roles]
                     args = [tag, cutoff, str(offset), str(_CLEANUP_BATCH)]
                     calls.append((self._cleanup, keys, args))
                 replies = await self._run(calls)
-                for (shard, offset), (gone, examined) in zip(
-                    list(offsets.items()), replies, strict=True
-                ):
+                for (shard, offset), reply in zip(list(offsets.items()), replies, strict=True):
+                    if not reply:
+                        del offsets[shard]
+                        continue
+                    gone, examined = reply
                     removed += gone
                     if examined < _CLEANUP_BATCH:
                         del offsets[shard]

@@ -232,7 +232,7 @@ class SessionActor(Actor):
                 settled = settle(work.pending, work.state, end=work.idle, drain=drain)
                 write += settled.write
                 still = {event.id for event in settled.pending}
-                written = [str(event.id) for event in work.pending if event.id not in still]
+                written = [event.id for event in work.pending if event.id not in still]
                 outcomes[-1].append(SessionOutcome(key=work.key, state=work.state, written=written))
                 self._counters.sessions_ended += settled.ended
                 self._counters.session_screen_views += sum(

@@ -80,7 +80,7 @@ class ScreenViewMark(msgspec.Struct, array_like=True, frozen=True):
     """What inheritance needs of a screen_view."""
 
     created_ms: int
-    id: str
+    id: uuid.UUID
     path: str
     origin: str
 
@@ -178,14 +178,14 @@ def inherit(event: Event, history: Sequence[ScreenViewMark]) -> Event:
         event,
         path=mark.path,
         origin=mark.origin,
-        properties={**event.properties, "__inherit_from": mark.id},
+        properties={**event.properties, "__inherit_from": str(mark.id)},
     )
 
 
 def remember(history: list[ScreenViewMark], screen_view: Event) -> None:
     """Add ``screen_view`` to ``history`` in order, keeping the latest ``MAX_HISTORY``."""
     mark = ScreenViewMark(
-        epoch_ms(screen_view.created_at), str(screen_view.id), screen_view.path, screen_view.origin
+        epoch_ms(screen_view.created_at), screen_view.id, screen_view.path, screen_view.origin
     )
     if any(existing.id == mark.id for existing in history[-8:]):
         return
