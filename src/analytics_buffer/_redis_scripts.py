@@ -177,8 +177,12 @@ for i, key in ipairs(keys) do
   local value = values[i]
   local keep = value and string.sub(value, 1, 1) == 'p'
   if not keep then
+    -- An entry holds events, which carry the session_id: a plain search for it
+    -- may find it elsewhere too, which only keeps a session longer.
+    local digits = string.match(key, '^%d+')
+    local session = string.sub(key, #digits + tonumber(digits) + 3)
     for _, entry in ipairs(inbox) do
-      if string.find(entry, key, 1, true) then
+      if string.find(entry, session, 1, true) then
         keep = true
         break
       end

@@ -76,6 +76,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from operator import attrgetter
 from typing import Any, Final, cast, final
 
 import msgspec
@@ -102,8 +103,6 @@ __all__ = ("INLINE_WRITTEN", "RedisSessionStore", "map_exceptions", "session_key
 
 INLINE_WRITTEN: Final = 256
 """Written ids a session's value keeps; past that they move to its written set."""
-_ENTRY_EVENTS: Final = 20_000
-"""Events per inbox entry at most: bounds what one claim merges."""
 _HISTORY_SLACK: Final = MAX_HISTORY // 4
 """Marks beyond ``MAX_HISTORY`` a value may hold before it is trimmed (amortised)."""
 _CLEANUP_BATCH: Final = 1000
@@ -113,13 +112,14 @@ decode them again; past this the oldest are dropped (and decoded if claimed)."""
 _SESSION_EVENTS: Final = frozenset((SCREEN_VIEW, SESSION_END))
 _STR8: Final = [b"\xd9" + bytes((size,)) for size in range(256)]
 _Call = tuple[AsyncScript, Sequence[str], Sequence[str | bytes]]
-_Record = tuple[str, int, int, str, list[Event]]
-"""One session's part of an add: key string, first_ms, last_ms, profile_id, session events."""
+_CREATED: Final = attrgetter("created_at")
 
 
 class _Entry(msgspec.Struct, array_like=True, frozen=True):
+    """One add's events of one shard, in arrival order: the claimer groups them."""
+
     now: float
-    records: list[_Record]
+    events: list[Event]
 
 
 class _Stored(msgspec.Struct, array_like=True):
@@ -151,7 +151,7 @@ class _Merged:
         "history",
         "marks",
         "name",
-        "new_marks",
+        "new_views",
         "new_written",
         "pending",
         "raw",
@@ -166,7 +166,7 @@ class _Merged:
         self.state = state
         self.pending: dict[int, Event] = {}
         self.raw: dict[int, msgspec.Raw] = {}
-        self.new_marks: list[tuple[int, uuid.UUID, str, str]] = []
+        self.new_views: list[Event] = []
         self.new_written: list[bytes] = []
         self.touched = False
         self.ended_before = state.ended
@@ -183,7 +183,9 @@ class _Held:
 
     __slots__ = ("consumed", "merged", "own", "shard")
 
-    def __init__(self, shard: int, consumed: int, merged: dict[str, _Merged], own: list[int]):
+    def __init__(
+        self, shard: int, consumed: int, merged: dict[SessionKey, _Merged | None], own: list[int]
+    ) -> None:
         self.shard = shard
         self.consumed = consumed
         self.merged = merged
@@ -332,90 +334,48 @@ class RedisSessionStore:
     async def add(self, events: Sequence[Event], now: float) -> None:
         """Record events that carry a session_id, arrived at wall-clock ``now``.
 
-        One round trip whatever the number of events.
+        One round trip whatever the number of events: each shard's events go
+        to its inbox as they are (the claimer groups and merges them).
 
         :raises StoreUnavailable: Redis cannot be reached; retrying is safe
         """
         if not events:
             return
-        # Coalesce per session: [name, first_ms, last_ms, profile_id, session events]
-        sessions: dict[SessionKey, list[Any]] = {}
-        latest: dict[tuple[str, str], tuple[int, Event]] = {}
+        names = self._names
+        by_shard: dict[int, list[Event]] = {}
         for event in events:
             key = (event.project_id, event.session_id)
-            created = epoch_ms(event.created_at)
-            record = sessions.get(key)
-            if record is None:
-                record = sessions[key] = [key, created, created, event.profile_id, []]
+            known = names.get(key) or self._name(key)
+            shard_events = by_shard.get(known[1])
+            if shard_events is None:
+                by_shard[known[1]] = [event]
             else:
-                if created < record[1]:
-                    record[1] = created
-                elif created > record[2]:
-                    record[2] = created
-                if not record[3]:
-                    record[3] = event.profile_id
-            name = event.name
-            if key[1] and name in _SESSION_EVENTS:
-                record[4].append(event)
-                if name == SCREEN_VIEW:
-                    profile = (key[0], event.profile_id)
-                    known = latest.get(profile)
-                    if known is None or known[0] <= created:
-                        latest[profile] = (created, event)
-        calls = self._add_calls(sessions, now)
-        if latest:
-            encode = self._encoder.encode
-            views = [
-                (
-                    f"{len(project_id)}:{project_id}:{profile_id}",
-                    _lua_str(b"%013d|" % created + encode(event)),
-                )
-                for (project_id, profile_id), (created, event) in latest.items()
-            ]
-            args: list[str | bytes] = [self._ttl_ms, encode(views)]
-            calls.append((self._last_screen_view, [self._lsv_tag], args))
+                shard_events.append(event)
+        encode = self._encoder.encode
+        size = self._claim_size
+        calls: list[_Call] = []
+        for shard, shard_events in by_shard.items():
+            entries: list[str | bytes] = [self._ttl_ms]
+            for start in range(0, len(shard_events), size):
+                entry = _Entry(now, shard_events[start : start + size])
+                self._entries += 1
+                entry_id = self._entry_prefix | (self._entries & 0xFFFFFFFF)
+                self._remember_sent(entry_id, shard, entry)
+                entries.append(b"%d:%d:" % (len(entry.events), entry_id) + encode(entry))
+            calls.append((self._add, [self._tags[shard] + "inbox"], entries))
         with map_exceptions("add"):
             await self._run(calls)
 
-    def _add_calls(self, sessions: dict[SessionKey, list[Any]], now: float) -> list[_Call]:
-        """One ``add`` script call per shard, its entries split to bound each claim."""
-        by_shard: dict[int, list[_Record]] = {}
-        for record in sessions.values():
-            name, shard = self._name(record[0])
-            record[0] = name
-            by_shard.setdefault(shard, []).append(cast("_Record", tuple(record)))
-        encode = self._encoder.encode
-        calls: list[_Call] = []
-        for shard, records in by_shard.items():
-            entries: list[str | bytes] = [self._ttl_ms]
-            start = 0
-            while start < len(records):
-                end, events = start, 0
-                while end < len(records) and end - start < self._claim_size:
-                    events += len(records[end][4])
-                    end += 1
-                    if events >= _ENTRY_EVENTS:
-                        break
-                entry = _Entry(now, records[start:end])
-                self._entries += 1
-                entry_id = self._entry_prefix | (self._entries & 0xFFFFFFFF)
-                self._remember_sent(entry_id, shard, entry, events)
-                entries.append(b"%d:%d:" % (end - start, entry_id) + encode(entry))
-                start = end
-            calls.append((self._add, [self._tags[shard] + "inbox"], entries))
-        return calls
-
-    def _remember_sent(self, entry_id: int, shard: int, entry: _Entry, events: int) -> None:
+    def _remember_sent(self, entry_id: int, shard: int, entry: _Entry) -> None:
         self._sent[entry_id] = (shard, entry)
-        self._sent_events += events
+        self._sent_events += len(entry.events)
         while self._sent_events > _SENT_EVENTS and self._sent:
-            oldest = next(iter(self._sent))
-            self._forget_sent(oldest)
+            self._forget_sent(next(iter(self._sent)))
 
     def _forget_sent(self, entry_id: int) -> None:
         sent = self._sent.pop(entry_id, None)
         if sent is not None:
-            self._sent_events -= sum(len(record[4]) for record in sent[1].records)
+            self._sent_events -= len(sent[1].events)
 
     async def claim(
         self, owner: str, now: float, *, timeout: float, lease: float, limit: int
@@ -480,41 +440,59 @@ class RedisSessionStore:
         """Read the granted shards' sessions, merge their inbox entries in, hand out work."""
         plans = []
         for shard, token, (raw_entries, idle, _) in granted:
-            entries: list[_Entry] = []
             own: list[int] = []
+            # Each session's events in arrival order, and its latest arrival time.
+            groups: dict[SessionKey, tuple[list[float], list[Event]]] = {}
             for raw in raw_entries:
                 _, _, rest = raw.partition(b":")
                 head, _, body = rest.partition(b":")
                 entry_id = int(head)
                 sent = self._sent.get(entry_id)
                 if sent is not None:
-                    entries.append(sent[1])
+                    entry = sent[1]
                     own.append(entry_id)
                 else:
-                    entries.append(self._entry_decoder.decode(body))
-            names = dict.fromkeys(
-                [record[0] for entry in entries for record in entry.records]
-                + [name.decode() for name in idle]
+                    entry = self._entry_decoder.decode(body)
+                now = entry.now
+                for event in entry.events:
+                    key = (event.project_id, event.session_id)
+                    group = groups.get(key)
+                    if group is None:
+                        groups[key] = ([now], [event])
+                    else:
+                        group[1].append(event)
+                        if now > group[0][0]:
+                            group[0][0] = now
+            keys = list(groups)
+            keys += (
+                key
+                for key in (_parse_session_key(name.decode()) for name in idle)
+                if key not in groups
             )
-            plans.append((shard, token, len(raw_entries), entries, own, list(names)))
-        # The sessions' stored values: one call per shard, all in one round trip.
+            plans.append((shard, token, len(raw_entries), groups, own, keys))
+        # The sessions' stored values: one call per shard, all in one round trip with
+        # the profiles' last screen views (facts, recorded before the entries go).
         calls: list[_Call] = [
-            (self._states, [self._tags[shard] + "sessions"], [self._encoder.encode(names)])
-            for shard, _, _, _, _, names in plans
+            (
+                self._states,
+                [self._tags[shard] + "sessions"],
+                [self._encoder.encode([self._name(key)[0] for key in keys])],
+            )
+            for shard, _, _, _, _, keys in plans
         ]
-        values = await self._run(calls)
-        claims = []
+        views = self._last_screen_views(groups for _, _, _, groups, _, _ in plans)
+        if views:
+            args: list[str | bytes] = [self._ttl_ms, self._encoder.encode(views)]
+            calls.append((self._last_screen_view, [self._lsv_tag], args))
+        values = (await self._run(calls))[: len(plans)]
         merges = []
-        for (shard, token, consumed, entries, own, names), stored in zip(
-            plans, values, strict=True
-        ):
-            merged = {
-                name: self._load(name, value) for name, value in zip(names, stored, strict=True)
-            }
-            merges.append((shard, token, consumed, entries, own, merged))
+        for (shard, token, consumed, groups, own, keys), stored in zip(plans, values, strict=True):
+            merged = {key: self._load(key, value) for key, value in zip(keys, stored, strict=True)}
+            merges.append((shard, token, consumed, groups, own, merged))
         already = await self._written_long_ago(merges)
-        for shard, token, consumed, entries, own, merged in merges:
-            work = self._merge_entries(entries, merged, already, idle_before)
+        claims = []
+        for shard, token, consumed, groups, own, merged in merges:
+            work = self._merge_groups(groups, merged, already, idle_before)
             self._held = {
                 held_token: held for held_token, held in self._held.items() if held.shard != shard
             }
@@ -522,14 +500,37 @@ class RedisSessionStore:
             claims.append(Claim(shard=shard, token=token, sessions=work))
         return claims
 
-    def _load(self, name: str, value: bytes | None) -> _Merged | None:
+    def _last_screen_views(
+        self, shard_groups: Iterator[dict[SessionKey, tuple[list[float], list[Event]]]]
+    ) -> list[tuple[str, msgspec.Raw]]:
+        """Each profile's latest screen_view among the entries (ties: the later arrival)."""
+        latest: dict[tuple[str, str], Event] = {}
+        for groups in shard_groups:
+            for key, (_, events) in groups.items():
+                views = [event for event in events if event.name == SCREEN_VIEW]
+                if not views or not key[1]:
+                    continue
+                view = max(reversed(views), key=_CREATED)
+                profile = (view.project_id, view.profile_id)
+                known = latest.get(profile)
+                if known is None or known.created_at <= view.created_at:
+                    latest[profile] = view
+        encode = self._encoder.encode
+        return [
+            (
+                f"{len(project_id)}:{project_id}:{profile_id}",
+                _lua_str(b"%013d|" % epoch_ms(view.created_at) + encode(view)),
+            )
+            for (project_id, profile_id), view in latest.items()
+        ]
+
+    def _load(self, key: SessionKey, value: bytes | None) -> _Merged | None:
         if value is None:
             return None
         stored = self._stored_decoder.decode(memoryview(value)[1:])
-        project_id, session_id = _parse_session_key(name)
         state = SessionState(
-            project_id=project_id,
-            session_id=session_id,
+            project_id=key[0],
+            session_id=key[1],
             profile_id=stored.profile,
             first_ms=stored.first_ms,
             last_activity_ms=stored.last_ms,
@@ -537,7 +538,7 @@ class RedisSessionStore:
             screen_views=stored.screen_views,
             ended=stored.ended,
         )
-        merged = _Merged(name, state, stored)
+        merged = _Merged(self._name(key)[0], state, stored)
         decode = self._event_decoder.decode
         for raw in stored.pending:
             event = decode(raw)
@@ -547,18 +548,27 @@ class RedisSessionStore:
         return merged
 
     async def _written_long_ago(
-        self, merges: list[tuple[int, str, int, list[_Entry], list[int], dict[str, _Merged | None]]]
+        self,
+        merges: list[
+            tuple[
+                int,
+                str,
+                int,
+                dict[SessionKey, tuple[list[float], list[Event]]],
+                list[int],
+                dict[SessionKey, _Merged | None],
+            ]
+        ],
     ) -> set[int]:
         """Ids of the entries' events found in the written sets of long sessions."""
         calls: list[_Call] = []
         asked: list[list[Event]] = []
-        for shard, _, _, entries, _, merged in merges:
+        for shard, _, _, groups, _, merged in merges:
             asks: dict[str, list[Event]] = {}
-            for entry in entries:
-                for name, _, _, _, events in entry.records:
-                    session = merged.get(name)
-                    if session is not None and session.spilled and events:
-                        asks.setdefault(name, []).extend(events)
+            for key, (_, events) in groups.items():
+                session = merged.get(key)
+                if session is not None and session.spilled:
+                    asks[session.name] = events
             if asks:
                 payload = [
                     [name, *(_lua_str(event.id.bytes) for event in events)]
@@ -575,59 +585,45 @@ class RedisSessionStore:
             already.update(event.id.int for event, hit in zip(events, found, strict=True) if hit)
         return already
 
-    def _merge_entries(
+    def _merge_groups(
         self,
-        entries: list[_Entry],
-        merged: dict[str, _Merged | None],
+        groups: dict[SessionKey, tuple[list[float], list[Event]]],
+        merged: dict[SessionKey, _Merged | None],
         already: set[int],
         idle_before: float,
     ) -> list[SessionWork]:
-        """Merge inbox entries into the sessions (in arrival order); return the claim's work."""
-        for entry in entries:
-            now = entry.now
-            for name, first, last, profile, events in entry.records:
-                session = merged.get(name)
-                if session is None:
-                    project_id, session_id = _parse_session_key(name)
-                    state = SessionState(
-                        project_id=project_id,
-                        session_id=session_id,
-                        profile_id=profile,
-                        first_ms=first,
-                        last_activity_ms=last,
-                        last_seen=now,
+        """Merge each session's new events into it; return the claim's work."""
+        for key, ((now,), events) in groups.items():
+            first = epoch_ms(min(events, key=_CREATED).created_at)
+            last = epoch_ms(max(events, key=_CREATED).created_at)
+            session = merged.get(key)
+            if session is None:
+                profile = next((event.profile_id for event in events if event.profile_id), "")
+                state = SessionState(
+                    project_id=key[0],
+                    session_id=key[1],
+                    profile_id=profile,
+                    first_ms=first,
+                    last_activity_ms=last,
+                    last_seen=now,
+                )
+                session = merged[key] = _Merged(self._name(key)[0], state, None)
+            else:
+                state = session.state
+                if first < state.first_ms:
+                    state.first_ms = first
+                if last > state.last_activity_ms:
+                    state.last_activity_ms = last
+                if now > state.last_seen:
+                    state.last_seen = now
+                if not state.profile_id:
+                    state.profile_id = next(
+                        (event.profile_id for event in events if event.profile_id), ""
                     )
-                    session = merged[name] = _Merged(name, state, None)
-                else:
-                    state = session.state
-                    if first < state.first_ms:
-                        state.first_ms = first
-                    if last > state.last_activity_ms:
-                        state.last_activity_ms = last
-                    if now > state.last_seen:
-                        state.last_seen = now
-                    if not state.profile_id:
-                        state.profile_id = profile
-                pending = session.pending
-                written = session.written
-                for event in events:
-                    event_id = event.id.int
-                    if event_id in pending:
-                        # Resent while pending: it keeps its place and takes the new value.
-                        pending[event_id] = event
-                        session.raw.pop(event_id, None)
-                        session.touched = True
-                        continue
-                    if (written and _has_id(written, event.id.bytes)) or event_id in already:
-                        continue
-                    pending[event_id] = event
-                    session.touched = True
-                    if event.name == SCREEN_VIEW:
-                        session.new_marks.append(
-                            (epoch_ms(event.created_at), event.id, event.path, event.origin)
-                        )
+            if key[1]:
+                self._take_pending(session, events, already)
         work = []
-        for name, session in merged.items():
+        for key, session in merged.items():
             if session is None:
                 continue
             state = session.state
@@ -635,13 +631,40 @@ class RedisSessionStore:
             if session.touched or idle:
                 work.append(
                     SessionWork(
-                        key=_parse_session_key(name),
+                        key=key,
                         state=msgspec.structs.replace(state),
                         pending=list(session.pending.values()),
                         idle=idle,
                     )
                 )
         return work
+
+    @staticmethod
+    def _take_pending(session: _Merged, events: list[Event], already: set[int]) -> None:
+        """Make the session events among ``events`` pending, unless written already."""
+        fresh = [event for event in events if event.name in _SESSION_EVENTS]
+        if not fresh:
+            return
+        pending, written = session.pending, session.written
+        ids = [event.id.int for event in fresh]
+        if not written and not already and pending.keys().isdisjoint(ids):
+            # The usual case, in bulk: new ids only (an id twice keeps its first place).
+            pending.update(zip(ids, fresh))
+            session.new_views += (event for event in fresh if event.name == SCREEN_VIEW)
+            session.touched = True
+            return
+        for event_id, event in zip(ids, fresh, strict=True):
+            if event_id in pending:
+                # Resent while pending: it keeps its place and takes the new value.
+                pending[event_id] = event
+                session.raw.pop(event_id, None)
+            elif event_id in already or (written and _has_id(written, event.id.bytes)):
+                continue
+            else:
+                pending[event_id] = event
+                if event.name == SCREEN_VIEW:
+                    session.new_views.append(event)
+            session.touched = True
 
     async def complete(self, claim: Claim, outcomes: Sequence[SessionOutcome]) -> bool:
         """Apply ``outcomes`` and release ``claim``; ``False`` if the claim had expired.
@@ -679,9 +702,10 @@ class RedisSessionStore:
         return bool(applied)
 
     def _changes(self, held: _Held, outcomes: Sequence[SessionOutcome]) -> list[Any]:
+        """What ``complete`` writes to the shard."""
         merged = held.merged
         for outcome in outcomes:
-            session = merged.get(session_key(outcome.key))
+            session = merged.get(outcome.key)
             if session is None:
                 continue
             session.state.screen_views = outcome.state.screen_views
@@ -699,10 +723,11 @@ class RedisSessionStore:
         unindex: list[str] = []
         spills: list[list[Any]] = []
         forget: list[str] = []
-        for name, session in merged.items():
+        for key, session in merged.items():
             if session is None:
-                forget.append(name)
+                forget.append(self._name(key)[0])
                 continue
+            name = session.name
             state = session.state
             written, spilled = session.written, session.spilled
             if session.new_written:
@@ -713,10 +738,16 @@ class RedisSessionStore:
                     )
                     written, spilled = b"", True
             history, marks = session.history, session.marks
-            if session.new_marks:
-                count = len(session.new_marks)
-                history += _array_body(encode(session.new_marks), count)
-                marks += count
+            if session.new_views:
+                first_arrivals: dict[int, Event] = {}
+                for view in session.new_views:
+                    first_arrivals.setdefault(view.id.int, view)
+                new_marks = [
+                    (epoch_ms(view.created_at), view.id, view.path, view.origin)
+                    for view in first_arrivals.values()
+                ]
+                history += _array_body(encode(new_marks), len(new_marks))
+                marks += len(new_marks)
                 if marks > MAX_HISTORY + _HISTORY_SLACK:
                     history, marks = self._trimmed(history, marks)
             raws = [
@@ -757,6 +788,18 @@ class RedisSessionStore:
     def _decode_history(self, history: bytes, marks: int) -> list[ScreenViewMark]:
         return self._marks_decoder.decode(b"\xdd" + marks.to_bytes(4) + history)
 
+    async def _inbox_events(self, shards: Sequence[int]) -> list[list[Event]]:
+        """The events waiting in each shard's inbox, in arrival order (for reads)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.lrange(self._tags[shard] + "inbox", 0, -1)
+            inboxes: list[list[bytes]] = await pipe.execute()
+        decode = self._entry_decoder.decode
+        return [
+            [event for raw in inbox for event in decode(raw.split(b":", 2)[2]).events]
+            for inbox in inboxes
+        ]
+
     async def history(self, keys: Sequence[SessionKey]) -> dict[SessionKey, list[ScreenViewMark]]:
         """The screen_view history of each session that exists, oldest first.
 
@@ -777,33 +820,24 @@ class RedisSessionStore:
                     (self._states, [self._tags[shard] + "sessions"], [self._encoder.encode(names)])
                 )
             values = await self._run(calls)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for shard in by_shard:
-                    pipe.lrange(self._tags[shard] + "inbox", 0, -1)
-                inboxes = await pipe.execute()
+            inboxes = await self._inbox_events(list(by_shard))
         found: dict[SessionKey, list[ScreenViewMark]] = {}
-        for (shard_keys, stored), inbox in zip(
-            zip(by_shard.values(), values, strict=True), inboxes, strict=True
-        ):
-            wanted = {session_key(key): key for key in shard_keys}
+        for shard_keys, stored, inbox in zip(by_shard.values(), values, inboxes, strict=True):
             for key, value in zip(shard_keys, stored, strict=True):
                 if value is not None:
                     kept = self._stored_decoder.decode(memoryview(value)[1:])
                     found[key] = self._decode_history(kept.history, kept.marks)
-            for raw in inbox:
-                body = raw.split(b":", 2)[2]
-                for name, _, _, _, events in self._entry_decoder.decode(body).records:
-                    key = wanted.get(name)
-                    if key is None:
-                        continue
+            wanted = set(shard_keys)
+            for event in inbox:
+                key = (event.project_id, event.session_id)
+                if key in wanted:
                     marks = found.setdefault(key, [])
-                    marks += (
-                        ScreenViewMark(
-                            epoch_ms(event.created_at), event.id, event.path, event.origin
+                    if event.name == SCREEN_VIEW:
+                        marks.append(
+                            ScreenViewMark(
+                                epoch_ms(event.created_at), event.id, event.path, event.origin
+                            )
                         )
-                        for event in events
-                        if event.name == SCREEN_VIEW
-                    )
         for key, marks in found.items():
             unique: dict[uuid.UUID, ScreenViewMark] = {}
             for mark in marks:
@@ -815,6 +849,9 @@ class RedisSessionStore:
     async def last_screen_view(self, project_id: str, profile_id: str) -> Event | None:
         """The latest screen_view (by ``created_at``) of a profile.
 
+        Claims record it as they merge; screen_views still in the inboxes
+        (added, not merged yet) are looked at too, and win ties.
+
         :raises StoreUnavailable: Redis cannot be reached
         """
         with map_exceptions("last_screen_view"):
@@ -823,7 +860,19 @@ class RedisSessionStore:
                 "bytes | None",
                 await self._redis.get(self.last_screen_view_key(project_id, profile_id)),
             )
-        return None if raw is None else self._event_decoder.decode(memoryview(raw)[14:])
+            inboxes = await self._inbox_events(range(self._shards))
+        latest = None if raw is None else self._event_decoder.decode(memoryview(raw)[14:])
+        for inbox in inboxes:
+            for event in inbox:
+                if (
+                    event.name == SCREEN_VIEW
+                    and event.session_id
+                    and event.project_id == project_id
+                    and event.profile_id == profile_id
+                    and (latest is None or latest.created_at <= event.created_at)
+                ):
+                    latest = event
+        return latest
 
     async def cleanup(self, now: float, retention: float) -> int:
         """Forget ended sessions last seen before ``now - retention``; return how many.
