@@ -389,7 +389,7 @@ async def test_concurrent_adds_to_one_session_lose_nothing(
     assert work.state.last_seen == NOW + 0.5 + 190
 
 
-async def test_a_claim_takes_at_most_claim_size_sessions(redis_url: str) -> None:
+async def test_a_claim_takes_at_most_claim_size_events(redis_url: str) -> None:
     store = RedisSessionStore(redis_url, shards=1, claim_size=5)
     try:
         await store.add(spread_events(12), NOW)

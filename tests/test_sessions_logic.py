@@ -333,7 +333,10 @@ def test_inherit_keeps_what_the_event_has_of_its_own() -> None:
     bare = ev("click", 10)
     assert inherit(bare, []) is bare
     with_props = msgspec.structs.replace(bare, properties={"plan": "pro"})
-    assert inherit(with_props, history).properties == {"plan": "pro", "__inherit_from": str(mark_id("home"))}
+    assert inherit(with_props, history).properties == {
+        "plan": "pro",
+        "__inherit_from": str(mark_id("home")),
+    }
     assert with_props.properties == {"plan": "pro"}, "the input is not changed"
 
 

@@ -16,8 +16,8 @@ byte strings travel with ``str`` headers. Scores travel as decimal strings
 
 A session value starts with one flag byte, ``p`` when it holds pending
 events and ``-`` otherwise, so that ``CLEANUP`` need not decode it.
-An inbox entry starts with ``<sessions>:``, its count of sessions, so that
-``CLAIM`` can bound a claim without decoding it.
+An inbox entry starts with ``<events>:<entry id>:``, so that ``CLAIM`` can
+bound a claim without decoding it.
 """
 
 from __future__ import annotations
@@ -63,27 +63,27 @@ CLAIM: Final = (
     _HEAD
     + r"""
 -- KEYS: claim, inbox, index, done
--- ARGV: token, lease_ms, idle_before, max_sessions
+-- ARGV: token, lease_ms, idle_before, limit
 -- Returns false (no work, or held by another) or {entries, idle keys, done token}.
--- Entries are taken from the head of the inbox while their sessions fit in
--- max_sessions (at least one); idle sessions only when the whole inbox is taken
--- (an entry left behind may hold their latest activity).
+-- Entries are taken from the head of the inbox while their events fit in limit
+-- (at least one); idle sessions (up to what is left of limit) only when the whole
+-- inbox is taken (an entry left behind may hold their latest activity).
 local K_claim, K_inbox, K_index = KEYS[1], KEYS[2], KEYS[3]
 local limit = tonumber(ARGV[4])
 if call('EXISTS', K_claim) == 1 then return false end
 local waiting = call('LLEN', K_inbox)
-local taken, sessions = {}, 0
+local taken, events = {}, 0
 if waiting > 0 then
   for i, entry in ipairs(call('LRANGE', K_inbox, 0, limit - 1)) do
     local count = tonumber(string.match(entry, '^%d+'))
-    if i > 1 and sessions + count > limit then break end
-    sessions = sessions + count
+    if i > 1 and events + count > limit then break end
+    events = events + count
     taken[i] = entry
   end
 end
 local idle = {}
-if #taken == waiting and sessions < limit then
-  idle = call('ZRANGEBYSCORE', K_index, '-inf', ARGV[3], 'LIMIT', 0, limit - sessions)
+if #taken == waiting and events < limit then
+  idle = call('ZRANGEBYSCORE', K_index, '-inf', ARGV[3], 'LIMIT', 0, limit - events)
 end
 if #taken == 0 and #idle == 0 then return false end
 call('SET', K_claim, ARGV[1], 'PX', ARGV[2])

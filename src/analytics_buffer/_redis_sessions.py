@@ -51,7 +51,7 @@ calls that missed it are sent again:
   may retry it.
 * ``claim``: takes the shard (``SET claim PX`` after checking it is free,
   atomically, and only when the shard has work) and returns inbox entries
-  from its head (up to ``claim_size`` sessions) and, when the whole inbox
+  from its head (up to ``claim_size`` events) and, when the whole inbox
   is taken, idle sessions. Nothing is removed: a claim whose lease runs out
   before ``complete`` leaves everything for the next one.
 * ``complete``: fenced by the token; writes the merged, settled sessions,
@@ -258,9 +258,10 @@ class RedisSessionStore:
         claims (every instance must use the same number)
     :param retention: seconds every key lives after it was last written
     :param socket_timeout: seconds to wait for a connection or a reply
-    :param claim_size: at most this many sessions per claim (one add's
-        entry counts whole: adds are split into entries of at most this
-        many sessions); the rest of a shard's work stays for the next claim
+    :param claim_size: at most this many events (and idle sessions) per
+        claim; adds are split into inbox entries of at most this many events,
+        and a claim takes whole entries (at least one); the rest of a shard's
+        work stays for the next claim
     """
 
     def __init__(
@@ -271,7 +272,7 @@ class RedisSessionStore:
         shards: int = 16,
         retention: float = 86400.0,
         socket_timeout: float = 5.0,
-        claim_size: int = 4000,
+        claim_size: int = 20_000,
     ) -> None:
         if shards < 1 or claim_size < 1 or retention <= 0:
             raise ValueError("shards and claim_size must be >= 1, retention > 0")
@@ -649,7 +650,7 @@ class RedisSessionStore:
         ids = [event.id.int for event in fresh]
         if not written and not already and pending.keys().isdisjoint(ids):
             # The usual case, in bulk: new ids only (an id twice keeps its first place).
-            pending.update(zip(ids, fresh))
+            pending.update(zip(ids, fresh, strict=True))
             session.new_views += (event for event in fresh if event.name == SCREEN_VIEW)
             session.touched = True
             return
@@ -734,7 +735,10 @@ class RedisSessionStore:
                 written += b"".join(session.new_written)
                 if len(written) > 16 * INLINE_WRITTEN:
                     spills.append(
-                        [name, *(_lua_str(written[at : at + 16]) for at in range(0, len(written), 16))]
+                        [
+                            name,
+                            *(_lua_str(written[at : at + 16]) for at in range(0, len(written), 16)),
+                        ]
                     )
                     written, spilled = b"", True
             history, marks = session.history, session.marks
