@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +21,8 @@ import anyio
 import msgspec
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
@@ -628,3 +631,118 @@ async def test_scripts_flushed_from_the_server_are_loaded_again(redis_url: str) 
 def test_session_keys_are_unambiguous() -> None:
     assert session_key(("a:b", "c")) != session_key(("a", "b:c"))
     assert session_key(("p", "s")) == "1:p:s"
+
+
+# -- the Redis store against the reference, on random traffic -------------------------
+
+_SESSIONS = ("s1", "s2", "s3")
+_PROFILES = {"s1": "u1", "s2": "u1", "s3": "u2"}
+_ID_POOL = [uuid.UUID(int=number + 1) for number in range(12)]
+
+
+@st.composite
+def _traffic(draw: st.DrawFn) -> Event:
+    """Events of three sessions on a coarse time grid; ids from a small pool, so
+    that the same event is sent again (as an identical copy) now and then."""
+    number = draw(st.integers(0, len(_ID_POOL) - 1))
+    session = _SESSIONS[number % 3]
+    name = (SCREEN_VIEW, SCREEN_VIEW, "click", SESSION_END)[number % 4]
+    at = (number * 7) % 11
+    return Event(
+        name=name,
+        project_id="p1",
+        id=_ID_POOL[number],
+        session_id=session,
+        profile_id=_PROFILES[session] if number % 5 else "",
+        created_at=T0 + timedelta(seconds=at),
+        path=f"/{number}" if name == SCREEN_VIEW else "",
+    )
+
+
+_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.lists(_traffic(), min_size=1, max_size=6)),
+        st.tuples(st.just("settle"), st.integers(0, 3), st.booleans()),
+        st.tuples(st.just("wait"), st.sampled_from([1.0, TIMEOUT])),
+        st.tuples(
+            st.just("cleanup"),
+            st.integers(0, 3),
+            st.booleans(),
+            st.sampled_from([0.5, 3 * TIMEOUT]),
+        ),
+    ),
+    max_size=14,
+)
+
+
+def _view(works: dict[SessionKey, SessionWork]) -> dict[SessionKey, Any]:
+    return {
+        key: (ids(work.pending), work.pending, work.idle, work.state) for key, work in works.items()
+    }
+
+
+async def _agree(url: str, steps: list[tuple[Any, ...]]) -> None:
+    memory = MemorySessionStore()
+    redis_store = RedisSessionStore(url, prefix=uuid.uuid4().hex)
+    stores: tuple[SessionStore, SessionStore] = (memory, redis_store)
+    now = NOW
+    forgotten = False
+    try:
+        for step in steps:
+            if step[0] == "add":
+                for store in stores:
+                    await store.add(step[1], now)
+            elif step[0] == "wait":
+                now += step[1]
+            else:
+                keep, end = step[1:3]
+                seen = []
+                for store in stores:
+                    claims, works = await claim_all(store, now)
+                    seen.append(_view(works))
+                    # The same decision on both: all but the last ``keep`` pending written.
+                    for claim in claims:
+                        outcomes = []
+                        for work in claim.sessions:
+                            done = work.pending[: max(0, len(work.pending) - keep)]
+                            ended = work.state.ended or (end and work.idle)
+                            state = msgspec.structs.replace(
+                                work.state, ended=ended, screen_views=len(work.pending)
+                            )
+                            written = [item.id for item in done]
+                            outcomes.append(
+                                SessionOutcome(key=work.key, state=state, written=written)
+                            )
+                        assert await store.complete(claim, outcomes)
+                assert seen[0] == seen[1], step
+                if step[0] == "cleanup":
+                    # Right after a claim: Redis keeps a session while its inbox may
+                    # hold events of it, so a clean-up between add and claim may differ.
+                    counts = [await store.cleanup(now, step[3]) for store in stores]
+                    assert counts[0] == counts[1], step
+                    # Redis lets a forgotten session's last screen view expire with
+                    # its key; the memory store drops it at once.
+                    forgotten = forgotten or counts[0] > 0
+            keys = [("p1", session) for session in _SESSIONS]
+            assert await memory.history(keys) == await redis_store.history(keys), step
+            for profile in () if forgotten else ("u1", "u2", ""):
+                views = [await store.last_screen_view("p1", profile) for store in stores]
+                # Of screen_views created at the same instant, which one is "last" may differ.
+                assert [view and view.created_at for view in views[:1]] == [
+                    view and view.created_at for view in views[1:]
+                ], step
+    finally:
+        await redis_store.aclose()
+
+
+@pytest.mark.integration
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=_steps)
+def test_the_redis_store_agrees_with_the_memory_store(
+    redis_server: RedisServer, steps: list[tuple[Any, ...]]
+) -> None:
+    """Whatever the traffic (copies, disorder, regular events, idle ends, partial writes,
+    clean-ups), both stores hand out the same work, history and last screen views."""
+    anyio.run(_agree, redis_server.url, steps)

@@ -508,14 +508,14 @@ class RedisSessionStore:
         latest: dict[tuple[str, str], Event] = {}
         for groups in shard_groups:
             for key, (_, events) in groups.items():
-                views = [event for event in events if event.name == SCREEN_VIEW]
-                if not views or not key[1]:
+                if not key[1]:
                     continue
-                view = max(reversed(views), key=_CREATED)
-                profile = (view.project_id, view.profile_id)
-                known = latest.get(profile)
-                if known is None or known.created_at <= view.created_at:
-                    latest[profile] = view
+                for view in events:
+                    if view.name == SCREEN_VIEW:
+                        profile = (view.project_id, view.profile_id)
+                        known = latest.get(profile)
+                        if known is None or known.created_at <= view.created_at:
+                            latest[profile] = view
         encode = self._encoder.encode
         return [
             (
