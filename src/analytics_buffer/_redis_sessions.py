@@ -76,10 +76,8 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from operator import attrgetter
 from typing import Any, Final, cast, final
 
-import msgspec
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -89,107 +87,37 @@ from redis.commands.core import AsyncScript
 from . import _redis_scripts as scripts
 from ._event import Event
 from ._exceptions import StoreUnavailable
-from ._session_store import Claim, SessionKey, SessionOutcome, SessionWork, shard_of
+from ._redis_merge import (
+    ENCODER,
+    ENTRY_DECODER,
+    EVENT_DECODER,
+    INLINE_WRITTEN,
+    STORED_DECODER,
+    Entry,
+    Held,
+    Merged,
+    changes,
+    decode_history,
+    last_screen_views,
+    load,
+    lua_str,
+    merge_groups,
+)
+from ._session_store import Claim, SessionKey, SessionOutcome, shard_of
 from ._sessions import (
     MAX_HISTORY,
     SCREEN_VIEW,
-    SESSION_END,
     ScreenViewMark,
-    SessionState,
     epoch_ms,
 )
 
 __all__ = ("INLINE_WRITTEN", "RedisSessionStore", "map_exceptions", "session_key")
 
-INLINE_WRITTEN: Final = 256
-"""Written ids a session's value keeps; past that they move to its written set."""
-_HISTORY_SLACK: Final = MAX_HISTORY // 4
-"""Marks beyond ``MAX_HISTORY`` a value may hold before it is trimmed (amortised)."""
 _CLEANUP_BATCH: Final = 1000
 _SENT_EVENTS: Final = 1_000_000
 """Events of this store's own inbox entries kept decoded, so its claims need not
 decode them again; past this the oldest are dropped (and decoded if claimed)."""
-_SESSION_EVENTS: Final = frozenset((SCREEN_VIEW, SESSION_END))
-_STR8: Final = [b"\xd9" + bytes((size,)) for size in range(256)]
 _Call = tuple[AsyncScript, Sequence[str], Sequence[str | bytes]]
-_CREATED: Final = attrgetter("created_at")
-
-
-class _Entry(msgspec.Struct, array_like=True, frozen=True):
-    """One add's events of one shard, in arrival order: the claimer groups them."""
-
-    now: float
-    events: list[Event]
-
-
-class _Stored(msgspec.Struct, array_like=True):
-    """A session's value in the ``sessions`` hash (after its flag byte)."""
-
-    first_ms: int
-    last_ms: int
-    last_seen: float
-    profile: str
-    screen_views: int
-    ended: bool
-    pending: list[msgspec.Raw]
-    """Pending events, encoded, in arrival order."""
-    written: bytes
-    """Written ids, 16 bytes each (the latest ones when ``spilled``)."""
-    spilled: bool
-    """Older written ids are in the session's written set."""
-    history: bytes
-    """``marks`` encoded ScreenViewMarks, concatenated, in arrival order."""
-    marks: int
-
-
-@final
-class _Merged:
-    """One session as a claim sees it: its stored value with the inbox merged in."""
-
-    __slots__ = (
-        "ended_before",
-        "history",
-        "marks",
-        "name",
-        "new_views",
-        "new_written",
-        "pending",
-        "raw",
-        "spilled",
-        "state",
-        "touched",
-        "written",
-    )
-
-    def __init__(self, name: str, state: SessionState, stored: _Stored | None) -> None:
-        self.name = name
-        self.state = state
-        self.pending: dict[int, Event] = {}
-        self.raw: dict[int, msgspec.Raw] = {}
-        self.new_views: list[Event] = []
-        self.new_written: list[bytes] = []
-        self.touched = False
-        self.ended_before = state.ended
-        if stored is None:
-            self.written, self.spilled, self.history, self.marks = b"", False, b"", 0
-        else:
-            self.written, self.spilled = stored.written, stored.spilled
-            self.history, self.marks = stored.history, stored.marks
-
-
-@final
-class _Held:
-    """What a claim merged, kept until its complete."""
-
-    __slots__ = ("consumed", "merged", "own", "shard")
-
-    def __init__(
-        self, shard: int, consumed: int, merged: dict[SessionKey, _Merged | None], own: list[int]
-    ) -> None:
-        self.shard = shard
-        self.consumed = consumed
-        self.merged = merged
-        self.own = own
 
 
 @contextmanager
@@ -221,31 +149,6 @@ def _parse_session_key(name: str) -> SessionKey:
     length, _, rest = name.partition(":")
     size = int(length)
     return rest[:size], rest[size + 1 :]
-
-
-def _lua_str(data: bytes) -> msgspec.Raw:
-    """``data`` as a msgpack ``str``: the cmsgpack in Redis cannot read ``bin``."""
-    size = len(data)
-    if size < 256:
-        return msgspec.Raw(_STR8[size] + data)
-    if size < 65536:
-        return msgspec.Raw(b"\xda" + size.to_bytes(2) + data)
-    return msgspec.Raw(b"\xdb" + size.to_bytes(4) + data)
-
-
-def _array_body(encoded: bytes, count: int) -> bytes:
-    """A msgpack array's items without its header (to concatenate arrays)."""
-    return encoded[1 if count < 16 else 3 if count < 65536 else 5 :]
-
-
-def _has_id(written: bytes, event_id: bytes) -> bool:
-    """Whether the 16-byte ``event_id`` is one of the ids packed in ``written``."""
-    at = written.find(event_id)
-    while at >= 0:
-        if at % 16 == 0:
-            return True
-        at = written.find(event_id, at + 1)
-    return False
 
 
 @final
@@ -287,12 +190,6 @@ class RedisSessionStore:
         self._claim_size = claim_size
         self._tags = [f"{{{prefix}:{shard}}}:" for shard in range(shards)]
         self._lsv_tag = f"{{{prefix}:lsv}}:"
-        # Ids as their 16 bytes: smaller entries, cheaper to decode.
-        self._encoder = msgspec.msgpack.Encoder(uuid_format="bytes")
-        self._event_decoder = msgspec.msgpack.Decoder(Event)
-        self._entry_decoder = msgspec.msgpack.Decoder(_Entry)
-        self._stored_decoder = msgspec.msgpack.Decoder(_Stored)
-        self._marks_decoder = msgspec.msgpack.Decoder(list[ScreenViewMark])
         self._add = self._redis.register_script(scripts.ADD)
         self._last_screen_view = self._redis.register_script(scripts.LAST_SCREEN_VIEW)
         self._claim = self._redis.register_script(scripts.CLAIM)
@@ -304,10 +201,10 @@ class RedisSessionStore:
         # Entry ids: unique across instances, so a claim knows its own entries.
         self._entry_prefix = int.from_bytes(os.urandom(6)) << 32
         self._entries = 0
-        self._sent: dict[int, tuple[int, _Entry]] = {}
+        self._sent: dict[int, tuple[int, Entry]] = {}
         self._sent_events = 0
         self._names: dict[SessionKey, tuple[str, int]] = {}
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, Held] = {}
 
     def shard_keys(self, shard: int) -> dict[str, str]:
         """The fixed keys of ``shard`` by role (for tests and operators)."""
@@ -332,6 +229,9 @@ class RedisSessionStore:
             known = self._names[key] = (session_key(key), shard_of(key, self._shards))
         return known
 
+    def _session_name(self, key: SessionKey) -> str:
+        return self._name(key)[0]
+
     async def add(self, events: Sequence[Event], now: float) -> None:
         """Record events that carry a session_id, arrived at wall-clock ``now``.
 
@@ -352,13 +252,13 @@ class RedisSessionStore:
                 by_shard[known[1]] = [event]
             else:
                 shard_events.append(event)
-        encode = self._encoder.encode
+        encode = ENCODER.encode
         size = self._claim_size
         calls: list[_Call] = []
         for shard, shard_events in by_shard.items():
             entries: list[str | bytes] = [self._ttl_ms]
             for start in range(0, len(shard_events), size):
-                entry = _Entry(now, shard_events[start : start + size])
+                entry = Entry(now, shard_events[start : start + size])
                 self._entries += 1
                 entry_id = self._entry_prefix | (self._entries & 0xFFFFFFFF)
                 self._remember_sent(entry_id, shard, entry)
@@ -367,7 +267,7 @@ class RedisSessionStore:
         with map_exceptions("add"):
             await self._run(calls)
 
-    def _remember_sent(self, entry_id: int, shard: int, entry: _Entry) -> None:
+    def _remember_sent(self, entry_id: int, shard: int, entry: Entry) -> None:
         self._sent[entry_id] = (shard, entry)
         self._sent_events += len(entry.events)
         while self._sent_events > _SENT_EVENTS and self._sent:
@@ -453,7 +353,7 @@ class RedisSessionStore:
                     entry = sent[1]
                     own.append(entry_id)
                 else:
-                    entry = self._entry_decoder.decode(body)
+                    entry = ENTRY_DECODER.decode(body)
                 now = entry.now
                 for event in entry.events:
                     key = (event.project_id, event.session_id)
@@ -477,76 +377,32 @@ class RedisSessionStore:
             (
                 self._states,
                 [self._tags[shard] + "sessions"],
-                [self._encoder.encode([self._name(key)[0] for key in keys])],
+                [ENCODER.encode([self._name(key)[0] for key in keys])],
             )
             for shard, _, _, _, _, keys in plans
         ]
-        views = self._last_screen_views(groups for _, _, _, groups, _, _ in plans)
+        views = last_screen_views(groups for _, _, _, groups, _, _ in plans)
         if views:
-            args: list[str | bytes] = [self._ttl_ms, self._encoder.encode(views)]
+            args: list[str | bytes] = [self._ttl_ms, ENCODER.encode(views)]
             calls.append((self._last_screen_view, [self._lsv_tag], args))
         values = (await self._run(calls))[: len(plans)]
         merges = []
         for (shard, token, consumed, groups, own, keys), stored in zip(plans, values, strict=True):
-            merged = {key: self._load(key, value) for key, value in zip(keys, stored, strict=True)}
+            merged = {
+                key: load(key, self._name(key)[0], value)
+                for key, value in zip(keys, stored, strict=True)
+            }
             merges.append((shard, token, consumed, groups, own, merged))
         already = await self._written_long_ago(merges)
         claims = []
         for shard, token, consumed, groups, own, merged in merges:
-            work = self._merge_groups(groups, merged, already, idle_before)
+            work = merge_groups(groups, merged, already, idle_before, self._session_name)
             self._held = {
                 held_token: held for held_token, held in self._held.items() if held.shard != shard
             }
-            self._held[token] = _Held(shard, consumed, merged, own)
+            self._held[token] = Held(shard, consumed, merged, own)
             claims.append(Claim(shard=shard, token=token, sessions=work))
         return claims
-
-    def _last_screen_views(
-        self, shard_groups: Iterator[dict[SessionKey, tuple[list[float], list[Event]]]]
-    ) -> list[tuple[str, msgspec.Raw]]:
-        """Each profile's latest screen_view among the entries (ties: the later arrival)."""
-        latest: dict[tuple[str, str], Event] = {}
-        for groups in shard_groups:
-            for key, (_, events) in groups.items():
-                if not key[1]:
-                    continue
-                for view in events:
-                    if view.name == SCREEN_VIEW:
-                        profile = (view.project_id, view.profile_id)
-                        known = latest.get(profile)
-                        if known is None or known.created_at <= view.created_at:
-                            latest[profile] = view
-        encode = self._encoder.encode
-        return [
-            (
-                f"{len(project_id)}:{project_id}:{profile_id}",
-                _lua_str(b"%013d|" % epoch_ms(view.created_at) + encode(view)),
-            )
-            for (project_id, profile_id), view in latest.items()
-        ]
-
-    def _load(self, key: SessionKey, value: bytes | None) -> _Merged | None:
-        if value is None:
-            return None
-        stored = self._stored_decoder.decode(memoryview(value)[1:])
-        state = SessionState(
-            project_id=key[0],
-            session_id=key[1],
-            profile_id=stored.profile,
-            first_ms=stored.first_ms,
-            last_activity_ms=stored.last_ms,
-            last_seen=stored.last_seen,
-            screen_views=stored.screen_views,
-            ended=stored.ended,
-        )
-        merged = _Merged(self._name(key)[0], state, stored)
-        decode = self._event_decoder.decode
-        for raw in stored.pending:
-            event = decode(raw)
-            event_id = event.id.int
-            merged.pending[event_id] = event
-            merged.raw[event_id] = raw
-        return merged
 
     async def _written_long_ago(
         self,
@@ -557,7 +413,7 @@ class RedisSessionStore:
                 int,
                 dict[SessionKey, tuple[list[float], list[Event]]],
                 list[int],
-                dict[SessionKey, _Merged | None],
+                dict[SessionKey, Merged | None],
             ]
         ],
     ) -> set[int]:
@@ -572,10 +428,10 @@ class RedisSessionStore:
                     asks[session.name] = events
             if asks:
                 payload = [
-                    [name, *(_lua_str(event.id.bytes) for event in events)]
+                    [name, *(lua_str(event.id.bytes) for event in events)]
                     for name, events in asks.items()
                 ]
-                calls.append((self._spilled, [self._tags[shard]], [self._encoder.encode(payload)]))
+                calls.append((self._spilled, [self._tags[shard]], [ENCODER.encode(payload)]))
                 asked += asks.values()
         if not calls:
             return set()
@@ -585,87 +441,6 @@ class RedisSessionStore:
         for events, found in zip(asked, flags, strict=True):
             already.update(event.id.int for event, hit in zip(events, found, strict=True) if hit)
         return already
-
-    def _merge_groups(
-        self,
-        groups: dict[SessionKey, tuple[list[float], list[Event]]],
-        merged: dict[SessionKey, _Merged | None],
-        already: set[int],
-        idle_before: float,
-    ) -> list[SessionWork]:
-        """Merge each session's new events into it; return the claim's work."""
-        for key, ((now,), events) in groups.items():
-            first = epoch_ms(min(events, key=_CREATED).created_at)
-            last = epoch_ms(max(events, key=_CREATED).created_at)
-            session = merged.get(key)
-            if session is None:
-                profile = next((event.profile_id for event in events if event.profile_id), "")
-                state = SessionState(
-                    project_id=key[0],
-                    session_id=key[1],
-                    profile_id=profile,
-                    first_ms=first,
-                    last_activity_ms=last,
-                    last_seen=now,
-                )
-                session = merged[key] = _Merged(self._name(key)[0], state, None)
-            else:
-                state = session.state
-                if first < state.first_ms:
-                    state.first_ms = first
-                if last > state.last_activity_ms:
-                    state.last_activity_ms = last
-                if now > state.last_seen:
-                    state.last_seen = now
-                if not state.profile_id:
-                    state.profile_id = next(
-                        (event.profile_id for event in events if event.profile_id), ""
-                    )
-            if key[1]:
-                self._take_pending(session, events, already)
-        work = []
-        for key, session in merged.items():
-            if session is None:
-                continue
-            state = session.state
-            idle = not state.ended and state.last_seen <= idle_before
-            if session.touched or idle:
-                work.append(
-                    SessionWork(
-                        key=key,
-                        state=msgspec.structs.replace(state),
-                        pending=list(session.pending.values()),
-                        idle=idle,
-                    )
-                )
-        return work
-
-    @staticmethod
-    def _take_pending(session: _Merged, events: list[Event], already: set[int]) -> None:
-        """Make the session events among ``events`` pending, unless written already."""
-        fresh = [event for event in events if event.name in _SESSION_EVENTS]
-        if not fresh:
-            return
-        pending, written = session.pending, session.written
-        ids = [event.id.int for event in fresh]
-        if not written and not already and pending.keys().isdisjoint(ids):
-            # The usual case, in bulk: new ids only (an id twice keeps its first place).
-            pending.update(zip(ids, fresh, strict=True))
-            session.new_views += (event for event in fresh if event.name == SCREEN_VIEW)
-            session.touched = True
-            return
-        for event_id, event in zip(ids, fresh, strict=True):
-            if event_id in pending:
-                # Resent while pending: it keeps its place and takes the new value.
-                pending[event_id] = event
-                session.raw.pop(event_id, None)
-            elif event_id in already or (written and _has_id(written, event.id.bytes)):
-                continue
-            else:
-                pending[event_id] = event
-                if event.name == SCREEN_VIEW:
-                    session.new_views.append(event)
-            session.touched = True
 
     async def complete(self, claim: Claim, outcomes: Sequence[SessionOutcome]) -> bool:
         """Apply ``outcomes`` and release ``claim``; ``False`` if the claim had expired.
@@ -687,12 +462,12 @@ class RedisSessionStore:
         keys = [tag + role for role in ("claim", "done", "inbox", "sessions", "index", "ended")]
         if held is None:
             # Completed already (or never ours): the fence answers.
-            changes: list[Any] = [[], [], [], [], [], []]
+            shard_changes: list[Any] = [[], [], [], [], [], []]
             consumed = 0
         else:
-            changes = self._changes(held, outcomes)
+            shard_changes = changes(held, outcomes, self._session_name)
             consumed = held.consumed
-        payload = self._encoder.encode(changes)
+        payload = ENCODER.encode(shard_changes)
         args: list[str | bytes] = [claim.token, tag, self._ttl_ms, str(consumed), payload]
         with map_exceptions("complete"):
             (applied,) = await self._run([(self._complete, keys, args)])
@@ -702,103 +477,13 @@ class RedisSessionStore:
                 self._forget_sent(entry_id)
         return bool(applied)
 
-    def _changes(self, held: _Held, outcomes: Sequence[SessionOutcome]) -> list[Any]:
-        """What ``complete`` writes to the shard."""
-        merged = held.merged
-        for outcome in outcomes:
-            session = merged.get(outcome.key)
-            if session is None:
-                continue
-            session.state.screen_views = outcome.state.screen_views
-            session.state.ended = session.state.ended or outcome.state.ended
-            pending, raw = session.pending, session.raw
-            for event_id in outcome.written:
-                number = event_id.int
-                if pending.pop(number, None) is not None:
-                    raw.pop(number, None)
-                session.new_written.append(event_id.bytes)
-        encode = self._encoder.encode
-        values: list[Any] = []
-        open_seen: list[str] = []
-        ended_seen: list[str] = []
-        unindex: list[str] = []
-        spills: list[list[Any]] = []
-        forget: list[str] = []
-        for key, session in merged.items():
-            if session is None:
-                forget.append(self._name(key)[0])
-                continue
-            name = session.name
-            state = session.state
-            written, spilled = session.written, session.spilled
-            if session.new_written:
-                written += b"".join(session.new_written)
-                if len(written) > 16 * INLINE_WRITTEN:
-                    spills.append(
-                        [
-                            name,
-                            *(_lua_str(written[at : at + 16]) for at in range(0, len(written), 16)),
-                        ]
-                    )
-                    written, spilled = b"", True
-            history, marks = session.history, session.marks
-            if session.new_views:
-                first_arrivals: dict[int, Event] = {}
-                for view in session.new_views:
-                    first_arrivals.setdefault(view.id.int, view)
-                new_marks = [
-                    (epoch_ms(view.created_at), view.id, view.path, view.origin)
-                    for view in first_arrivals.values()
-                ]
-                history += _array_body(encode(new_marks), len(new_marks))
-                marks += len(new_marks)
-                if marks > MAX_HISTORY + _HISTORY_SLACK:
-                    history, marks = self._trimmed(history, marks)
-            raws = [
-                session.raw.get(number) or msgspec.Raw(encode(event))
-                for number, event in session.pending.items()
-            ]
-            stored = _Stored(
-                first_ms=state.first_ms,
-                last_ms=state.last_activity_ms,
-                last_seen=state.last_seen,
-                profile=state.profile_id,
-                screen_views=state.screen_views,
-                ended=state.ended,
-                pending=raws,
-                written=written,
-                spilled=spilled,
-                history=history,
-                marks=marks,
-            )
-            values += (name, _lua_str((b"p" if raws else b"-") + encode(stored)))
-            seen = repr(state.last_seen)
-            if state.ended:
-                ended_seen += (seen, name)
-                if not session.ended_before:
-                    unindex.append(name)
-            else:
-                open_seen += (seen, name)
-        return [values, open_seen, ended_seen, unindex, spills, forget]
-
-    def _trimmed(self, history: bytes, marks: int) -> tuple[bytes, int]:
-        """The latest ``MAX_HISTORY`` marks (by ``created_ms``), still in arrival order."""
-        decoded = self._decode_history(history, marks)
-        order = sorted(range(marks), key=lambda at: decoded[at].created_ms)
-        keep = sorted(order[-MAX_HISTORY:])
-        kept = [decoded[at] for at in keep]
-        return _array_body(self._encoder.encode(kept), len(kept)), len(kept)
-
-    def _decode_history(self, history: bytes, marks: int) -> list[ScreenViewMark]:
-        return self._marks_decoder.decode(b"\xdd" + marks.to_bytes(4) + history)
-
     async def _inbox_events(self, shards: Sequence[int]) -> list[list[Event]]:
         """The events waiting in each shard's inbox, in arrival order (for reads)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for shard in shards:
                 pipe.lrange(self._tags[shard] + "inbox", 0, -1)
             inboxes: list[list[bytes]] = await pipe.execute()
-        decode = self._entry_decoder.decode
+        decode = ENTRY_DECODER.decode
         return [
             [event for raw in inbox for event in decode(raw.split(b":", 2)[2]).events]
             for inbox in inboxes
@@ -821,7 +506,7 @@ class RedisSessionStore:
             for shard, shard_keys in by_shard.items():
                 names = [session_key(key) for key in shard_keys]
                 calls.append(
-                    (self._states, [self._tags[shard] + "sessions"], [self._encoder.encode(names)])
+                    (self._states, [self._tags[shard] + "sessions"], [ENCODER.encode(names)])
                 )
             values = await self._run(calls)
             inboxes = await self._inbox_events(list(by_shard))
@@ -829,8 +514,8 @@ class RedisSessionStore:
         for shard_keys, stored, inbox in zip(by_shard.values(), values, inboxes, strict=True):
             for key, value in zip(shard_keys, stored, strict=True):
                 if value is not None:
-                    kept = self._stored_decoder.decode(memoryview(value)[1:])
-                    found[key] = self._decode_history(kept.history, kept.marks)
+                    kept = STORED_DECODER.decode(memoryview(value)[1:])
+                    found[key] = decode_history(kept.history, kept.marks)
             wanted = set(shard_keys)
             for event in inbox:
                 key = (event.project_id, event.session_id)
@@ -865,7 +550,7 @@ class RedisSessionStore:
                 await self._redis.get(self.last_screen_view_key(project_id, profile_id)),
             )
             inboxes = await self._inbox_events(range(self._shards))
-        latest = None if raw is None else self._event_decoder.decode(memoryview(raw)[14:])
+        latest = None if raw is None else EVENT_DECODER.decode(memoryview(raw)[14:])
         for inbox in inboxes:
             for event in inbox:
                 if (
