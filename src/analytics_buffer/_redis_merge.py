@@ -146,14 +146,16 @@ STORED_DECODER: Final = msgspec.msgpack.Decoder(Stored)
 MARKS_DECODER: Final = msgspec.msgpack.Decoder(list[ScreenViewMark])
 
 
-def lua_str(data: bytes) -> msgspec.Raw:
-    """``data`` as a msgpack ``str``: the cmsgpack in Redis cannot read ``bin``."""
-    size = len(data)
+def lua_str(data: bytes, flag: bytes = b"") -> msgspec.Raw:
+    """``flag + data`` as a msgpack ``str``: the cmsgpack in Redis cannot read ``bin``."""
+    size = len(flag) + len(data)
     if size < 256:
-        return msgspec.Raw(_STR8[size] + data)
-    if size < 65536:
-        return msgspec.Raw(b"\xda" + size.to_bytes(2) + data)
-    return msgspec.Raw(b"\xdb" + size.to_bytes(4) + data)
+        head = _STR8[size]
+    elif size < 65536:
+        head = b"\xda" + size.to_bytes(2)
+    else:
+        head = b"\xdb" + size.to_bytes(4)
+    return msgspec.Raw(b"".join((head, flag, data)))
 
 
 def array_body(encoded: bytes, count: int) -> bytes:
@@ -379,7 +381,7 @@ def changes(
             history=history,
             marks=marks,
         )
-        values += (name, lua_str((b"p" if raws else b"-") + encode(stored)))
+        values += (name, lua_str(encode(stored), b"p" if raws else b"-"))
         seen = repr(state.last_seen)
         if state.ended:
             ended_seen += (seen, name)

@@ -304,5 +304,5 @@ class SessionActor(Actor):
 
 def _token(events: list[Event]) -> str:
     """The same events settled again (after a lost claim) give the same token."""
-    ids = b"".join(sorted(event.id.bytes for event in events))
+    ids = repr(sorted([event.id.int for event in events])).encode()
     return f"s-{hashlib.blake2b(ids, digest_size=12).hexdigest()}"
