@@ -28,7 +28,7 @@ from redis.crc import key_slot
 
 from analytics_buffer import Event
 from analytics_buffer._exceptions import StoreUnavailable
-from analytics_buffer._redis_sessions import RedisSessionStore, session_key
+from analytics_buffer._redis_sessions import INLINE_WRITTEN, RedisSessionStore, session_key
 from analytics_buffer._session_store import (
     Claim,
     MemorySessionStore,
@@ -267,6 +267,18 @@ async def test_history_is_sorted_and_trimmed(store: SessionStore) -> None:
     assert [mark.path for mark in long] == [f"/{at}" for at in range(5, MAX_HISTORY + 5)]
 
 
+async def test_a_settled_long_history_keeps_the_latest(store: SessionStore) -> None:
+    count = 2 * MAX_HISTORY
+    views = [event(at=at, path=f"/{at}") for at in range(count)]
+    for start in range(0, count, 250):
+        # Newest first within each add: arrival order is not event order.
+        await store.add(views[start : start + 250][::-1], NOW)
+        await settle_all(store, write=False)
+
+    (history,) = (await store.history([KEY])).values()
+    assert [mark.path for mark in history] == [f"/{at}" for at in range(MAX_HISTORY, count)]
+
+
 async def test_last_screen_view_is_the_newest_by_created_at(store: SessionStore) -> None:
     middle, newest, oldest = event(at=20), event(at=30), event(at=10)
     assert await store.last_screen_view("p1", "u1") is None
@@ -460,14 +472,16 @@ async def dump(client: Redis) -> dict[bytes, Any]:
 
 async def exercise(store: RedisSessionStore) -> None:
     """Every operation, so every script runs and every kind of key exists."""
-    await store.add([*spread_events(40), event("click", session="s1")], NOW)
+    # A long session: its written ids move to its written set, which later adds consult.
+    long = [event(session="long", at=at) for at in range(INLINE_WRITTEN + 50)]
+    await store.add([*spread_events(40), event("click", session="s1"), *long], NOW)
     await store.add([event(SESSION_END, session="s2", at=50)], NOW)
     await settle_all(store, NOW)
-    await store.add(spread_events(40), NOW)
+    await store.add([*spread_events(40), *long], NOW)
     await settle_all(store, NOW + TIMEOUT, end=True)
     assert await store.history([KEY, ("p1", "s3")])
     assert await store.last_screen_view("p1", "u1") is not None
-    assert await store.cleanup(NOW + 10 * TIMEOUT, TIMEOUT) == 40
+    assert await store.cleanup(NOW + 10 * TIMEOUT, TIMEOUT) == 41
 
 
 async def test_every_key_carries_its_shards_hash_tag(redis_url: str) -> None:
