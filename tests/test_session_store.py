@@ -451,6 +451,26 @@ async def test_an_expired_claim_passes_to_another_and_its_complete_changes_nothi
     assert await first.claim("a", NOW + 10 * TIMEOUT, timeout=TIMEOUT, lease=30, limit=16) == []
 
 
+async def test_entries_another_instance_merged_leave_the_adders_cache(redis_url: str) -> None:
+    # A store keeps its own inbox entries decoded until a claim merges them; when
+    # another instance's claim did, they must not stay (the cache would only grow).
+    first, second = (RedisSessionStore(redis_url, shards=1) for _ in range(2))
+    try:
+        await first.add(spread_events(5), NOW)
+        await settle_all(second)
+        late = event(at=9)
+        await first.add([late], NOW)
+        claims, works = await claim_all(first)
+        assert ids(works[KEY].pending) == ids([late])
+        assert len(first._sent) == 1  # only the entry this claim merged
+        for claim in claims:
+            assert await first.complete(claim, [])
+        assert first._sent == {}
+    finally:
+        await first.aclose()
+        await second.aclose()
+
+
 async def dump(client: Redis) -> dict[bytes, Any]:
     """Every key's type and value (TTL aside)."""
     found: dict[bytes, Any] = {}

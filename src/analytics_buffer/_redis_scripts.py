@@ -62,9 +62,9 @@ return 1
 CLAIM: Final = (
     _HEAD
     + r"""
--- KEYS: claim, inbox, index, done
+-- KEYS: claim, inbox, index
 -- ARGV: token, lease_ms, idle_before, limit
--- Returns false (no work, or held by another) or {entries, idle keys, done token}.
+-- Returns false (no work, or held by another) or {entries, idle keys, inbox length}.
 -- Entries are taken from the head of the inbox while their events fit in limit
 -- (at least one); idle sessions (up to what is left of limit) only when the whole
 -- inbox is taken (an entry left behind may hold their latest activity).
@@ -87,7 +87,7 @@ if #taken == waiting and events < limit then
 end
 if #taken == 0 and #idle == 0 then return false end
 call('SET', K_claim, ARGV[1], 'PX', ARGV[2])
-return {taken, idle, call('GET', KEYS[4]) or ''}
+return {taken, idle, waiting}
 """
 )
 

@@ -114,9 +114,10 @@ from ._sessions import (
 __all__ = ("INLINE_WRITTEN", "RedisSessionStore", "map_exceptions", "session_key")
 
 _CLEANUP_BATCH: Final = 1000
-_SENT_EVENTS: Final = 1_000_000
+_SENT_EVENTS: Final = 200_000
 """Events of this store's own inbox entries kept decoded, so its claims need not
-decode them again; past this the oldest are dropped (and decoded if claimed)."""
+decode them again; past this the oldest are dropped (and decoded if claimed).
+As many as the buffer holds by default (``max_buffered_events``)."""
 _Call = tuple[AsyncScript, Sequence[str], Sequence[str | bytes]]
 
 
@@ -273,6 +274,21 @@ class RedisSessionStore:
         while self._sent_events > _SENT_EVENTS and self._sent:
             self._forget_sent(next(iter(self._sent)))
 
+    def _forget_consumed(self, shard: int, present: set[int]) -> None:
+        """Forget this store's entries of ``shard`` missing from its whole inbox.
+
+        Another instance's claim merged them (or the server lost them); only
+        this store's own claims forget entries otherwise. Forgetting one too
+        many only costs a decode.
+        """
+        gone = [
+            entry_id
+            for entry_id, (entry_shard, _) in self._sent.items()
+            if entry_shard == shard and entry_id not in present
+        ]
+        for entry_id in gone:
+            self._forget_sent(entry_id)
+
     def _forget_sent(self, entry_id: int) -> None:
         sent = self._sent.pop(entry_id, None)
         if sent is not None:
@@ -307,7 +323,7 @@ class RedisSessionStore:
                 calls: list[_Call] = []
                 for shard, token in zip(batch, tokens, strict=True):
                     tag = self._tags[shard]
-                    keys = [tag + "claim", tag + "inbox", tag + "index", tag + "done"]
+                    keys = [tag + "claim", tag + "inbox", tag + "index"]
                     args = [token, lease_ms, repr(idle_before), str(self._claim_size)]
                     calls.append((self._claim, keys, args))
                 replies = await self._run(calls)
@@ -340,7 +356,8 @@ class RedisSessionStore:
     ) -> list[Claim]:
         """Read the granted shards' sessions, merge their inbox entries in, hand out work."""
         plans = []
-        for shard, token, (raw_entries, idle, _) in granted:
+        for shard, token, (raw_entries, idle, waiting) in granted:
+            present: set[int] = set()
             own: list[int] = []
             # Each session's events in arrival order, and its latest arrival time.
             groups: dict[SessionKey, tuple[list[float], list[Event]]] = {}
@@ -348,6 +365,7 @@ class RedisSessionStore:
                 _, _, rest = raw.partition(b":")
                 head, _, body = rest.partition(b":")
                 entry_id = int(head)
+                present.add(entry_id)
                 sent = self._sent.get(entry_id)
                 if sent is not None:
                     entry = sent[1]
@@ -364,6 +382,8 @@ class RedisSessionStore:
                         group[1].append(event)
                         if now > group[0][0]:
                             group[0][0] = now
+            if len(raw_entries) == waiting:
+                self._forget_consumed(shard, present)
             keys = list(groups)
             keys += (
                 key
