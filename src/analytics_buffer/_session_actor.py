@@ -51,8 +51,9 @@ T = TypeVar("T")
 
 _CLEANUP_EVERY: Final = 60
 """Cycles between two clean-ups of stale sessions."""
-_CLAIM_ROUNDS: Final = 1000
-"""Claims per cycle at most, so that a cycle ends even while other instances keep adding."""
+_CLAIM_ROUNDS: Final = 64
+"""Claim rounds per cycle at most (each takes up to ``claim_size`` events per
+shard), so that a cycle ends even while other instances keep adding."""
 _SLICE: Final = 10_000
 """Events handed to the store per call: one round trip each, a checkpoint between."""
 
