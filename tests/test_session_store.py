@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,12 +21,14 @@ import anyio
 import msgspec
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from analytics_buffer import Event
 from analytics_buffer._exceptions import StoreUnavailable
-from analytics_buffer._redis_sessions import RedisSessionStore, session_key
+from analytics_buffer._redis_sessions import INLINE_WRITTEN, RedisSessionStore, session_key
 from analytics_buffer._session_store import (
     Claim,
     MemorySessionStore,
@@ -99,7 +102,7 @@ async def settle_all(
         outcomes = []
         for work in claim.sessions:
             state = msgspec.structs.replace(work.state, ended=work.state.ended or end)
-            written = [str(item.id) for item in work.pending] if write else []
+            written = [item.id for item in work.pending] if write else []
             outcomes.append(SessionOutcome(key=work.key, state=state, written=written))
         assert await store.complete(claim, outcomes)
     return works
@@ -183,7 +186,7 @@ async def test_complete_removes_written_events_and_stores_the_state(store: Sessi
     await store.add([kept, gone], NOW)
     claims, works = await claim_all(store)
     state = msgspec.structs.replace(works[KEY].state, screen_views=3)
-    outcome = SessionOutcome(key=KEY, state=state, written=[str(gone.id)])
+    outcome = SessionOutcome(key=KEY, state=state, written=[gone.id])
     (claim,) = claims
     assert await store.complete(claim, [outcome])
 
@@ -252,7 +255,7 @@ async def test_history_is_sorted_and_trimmed(store: SessionStore) -> None:
     found = await store.history([KEY, ("p1", "clicks-only"), ("p1", "unknown")])
 
     assert [mark.path for mark in found[KEY]] == ["/1", "/2", "/3"]
-    assert found[KEY][0].id == str(views[1].id)
+    assert found[KEY][0].id == views[1].id
     assert found[KEY][0].created_ms == epoch_ms(views[1].created_at)
     assert found["p1", "clicks-only"] == []
     assert ("p1", "unknown") not in found
@@ -262,6 +265,18 @@ async def test_history_is_sorted_and_trimmed(store: SessionStore) -> None:
     (long,) = (await store.history([("p1", "long")])).values()
     assert len(long) == MAX_HISTORY
     assert [mark.path for mark in long] == [f"/{at}" for at in range(5, MAX_HISTORY + 5)]
+
+
+async def test_a_settled_long_history_keeps_the_latest(store: SessionStore) -> None:
+    count = 2 * MAX_HISTORY
+    views = [event(at=at, path=f"/{at}") for at in range(count)]
+    for start in range(0, count, 250):
+        # Newest first within each add: arrival order is not event order.
+        await store.add(views[start : start + 250][::-1], NOW)
+        await settle_all(store, write=False)
+
+    (history,) = (await store.history([KEY])).values()
+    assert [mark.path for mark in history] == [f"/{at}" for at in range(MAX_HISTORY, count)]
 
 
 async def test_last_screen_view_is_the_newest_by_created_at(store: SessionStore) -> None:
@@ -290,7 +305,7 @@ async def test_cleanup_removes_only_ended_stale_sessions_without_pending(
             SessionOutcome(
                 key=work.key,
                 state=msgspec.structs.replace(work.state, ended=work.key[1] != "open"),
-                written=ids(work.pending),
+                written=[item.id for item in work.pending],
             )
             for work in claim.sessions
         ]
@@ -389,7 +404,7 @@ async def test_concurrent_adds_to_one_session_lose_nothing(
     assert work.state.last_seen == NOW + 0.5 + 190
 
 
-async def test_a_claim_takes_at_most_claim_size_sessions(redis_url: str) -> None:
+async def test_a_claim_takes_at_most_claim_size_events(redis_url: str) -> None:
     store = RedisSessionStore(redis_url, shards=1, claim_size=5)
     try:
         await store.add(spread_events(12), NOW)
@@ -424,7 +439,7 @@ async def test_an_expired_claim_passes_to_another_and_its_complete_changes_nothi
 
     work = stale.sessions[0]
     ended = msgspec.structs.replace(work.state, ended=True, screen_views=1)
-    outcome = SessionOutcome(key=KEY, state=ended, written=[str(view.id)])
+    outcome = SessionOutcome(key=KEY, state=ended, written=[view.id])
     async with Redis.from_url(redis_url) as client:
         before = await dump(client)
         assert not await first.complete(stale, [outcome])
@@ -434,6 +449,26 @@ async def test_an_expired_claim_passes_to_another_and_its_complete_changes_nothi
     # A retried complete whose first attempt got through still reports success.
     assert await second.complete(fresh, [outcome])
     assert await first.claim("a", NOW + 10 * TIMEOUT, timeout=TIMEOUT, lease=30, limit=16) == []
+
+
+async def test_entries_another_instance_merged_leave_the_adders_cache(redis_url: str) -> None:
+    # A store keeps its own inbox entries decoded until a claim merges them; when
+    # another instance's claim did, they must not stay (the cache would only grow).
+    first, second = (RedisSessionStore(redis_url, shards=1) for _ in range(2))
+    try:
+        await first.add(spread_events(5), NOW)
+        await settle_all(second)
+        late = event(at=9)
+        await first.add([late], NOW)
+        claims, works = await claim_all(first)
+        assert ids(works[KEY].pending) == ids([late])
+        assert len(first._sent) == 1  # only the entry this claim merged
+        for claim in claims:
+            assert await first.complete(claim, [])
+        assert first._sent == {}
+    finally:
+        await first.aclose()
+        await second.aclose()
 
 
 async def dump(client: Redis) -> dict[bytes, Any]:
@@ -448,6 +483,8 @@ async def dump(client: Redis) -> dict[bytes, Any]:
             found[key] = await client.hgetall(key)
         elif kind == "set":
             found[key] = await client.smembers(key)
+        elif kind == "list":
+            found[key] = await client.lrange(key, 0, -1)
         else:
             found[key] = await client.zrange(key, 0, -1, withscores=True)
     return found
@@ -455,14 +492,16 @@ async def dump(client: Redis) -> dict[bytes, Any]:
 
 async def exercise(store: RedisSessionStore) -> None:
     """Every operation, so every script runs and every kind of key exists."""
-    await store.add([*spread_events(40), event("click", session="s1")], NOW)
+    # A long session: its written ids move to its written set, which later adds consult.
+    long = [event(session="long", at=at) for at in range(INLINE_WRITTEN + 50)]
+    await store.add([*spread_events(40), event("click", session="s1"), *long], NOW)
     await store.add([event(SESSION_END, session="s2", at=50)], NOW)
     await settle_all(store, NOW)
-    await store.add(spread_events(40), NOW)
+    await store.add([*spread_events(40), *long], NOW)
     await settle_all(store, NOW + TIMEOUT, end=True)
     assert await store.history([KEY, ("p1", "s3")])
     assert await store.last_screen_view("p1", "u1") is not None
-    assert await store.cleanup(NOW + 10 * TIMEOUT, TIMEOUT) == 40
+    assert await store.cleanup(NOW + 10 * TIMEOUT, TIMEOUT) == 41
 
 
 async def test_every_key_carries_its_shards_hash_tag(redis_url: str) -> None:
@@ -497,8 +536,8 @@ async def test_every_key_carries_its_shards_hash_tag(redis_url: str) -> None:
             assert key == store.session_keys(key_of)[role]
         else:
             assert key == store.shard_keys(shard)[role]
-    expected = store.session_keys(("p1", "s7"))
-    assert {expected["state"], expected["history"]} <= set(keys)
+    expected = store.shard_keys(shard_of(("p1", "s7"), 16))
+    assert {expected[role] for role in ("inbox", "sessions", "index", "done", "claim")} <= set(keys)
     assert store.session_keys(("p1", "long"))["written"] in keys
 
 
@@ -626,3 +665,118 @@ async def test_scripts_flushed_from_the_server_are_loaded_again(redis_url: str) 
 def test_session_keys_are_unambiguous() -> None:
     assert session_key(("a:b", "c")) != session_key(("a", "b:c"))
     assert session_key(("p", "s")) == "1:p:s"
+
+
+# -- the Redis store against the reference, on random traffic -------------------------
+
+_SESSIONS = ("s1", "s2", "s3")
+_PROFILES = {"s1": "u1", "s2": "u1", "s3": "u2"}
+_ID_POOL = [uuid.UUID(int=number + 1) for number in range(12)]
+
+
+@st.composite
+def _traffic(draw: st.DrawFn) -> Event:
+    """Events of three sessions on a coarse time grid; ids from a small pool, so
+    that the same event is sent again (as an identical copy) now and then."""
+    number = draw(st.integers(0, len(_ID_POOL) - 1))
+    session = _SESSIONS[number % 3]
+    name = (SCREEN_VIEW, SCREEN_VIEW, "click", SESSION_END)[number % 4]
+    at = (number * 7) % 11
+    return Event(
+        name=name,
+        project_id="p1",
+        id=_ID_POOL[number],
+        session_id=session,
+        profile_id=_PROFILES[session] if number % 5 else "",
+        created_at=T0 + timedelta(seconds=at),
+        path=f"/{number}" if name == SCREEN_VIEW else "",
+    )
+
+
+_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.lists(_traffic(), min_size=1, max_size=6)),
+        st.tuples(st.just("settle"), st.integers(0, 3), st.booleans()),
+        st.tuples(st.just("wait"), st.sampled_from([1.0, TIMEOUT])),
+        st.tuples(
+            st.just("cleanup"),
+            st.integers(0, 3),
+            st.booleans(),
+            st.sampled_from([0.5, 3 * TIMEOUT]),
+        ),
+    ),
+    max_size=14,
+)
+
+
+def _view(works: dict[SessionKey, SessionWork]) -> dict[SessionKey, Any]:
+    return {
+        key: (ids(work.pending), work.pending, work.idle, work.state) for key, work in works.items()
+    }
+
+
+async def _agree(url: str, steps: list[tuple[Any, ...]]) -> None:
+    memory = MemorySessionStore()
+    redis_store = RedisSessionStore(url, prefix=uuid.uuid4().hex)
+    stores: tuple[SessionStore, SessionStore] = (memory, redis_store)
+    now = NOW
+    forgotten = False
+    try:
+        for step in steps:
+            if step[0] == "add":
+                for store in stores:
+                    await store.add(step[1], now)
+            elif step[0] == "wait":
+                now += step[1]
+            else:
+                keep, end = step[1:3]
+                seen = []
+                for store in stores:
+                    claims, works = await claim_all(store, now)
+                    seen.append(_view(works))
+                    # The same decision on both: all but the last ``keep`` pending written.
+                    for claim in claims:
+                        outcomes = []
+                        for work in claim.sessions:
+                            done = work.pending[: max(0, len(work.pending) - keep)]
+                            ended = work.state.ended or (end and work.idle)
+                            state = msgspec.structs.replace(
+                                work.state, ended=ended, screen_views=len(work.pending)
+                            )
+                            written = [item.id for item in done]
+                            outcomes.append(
+                                SessionOutcome(key=work.key, state=state, written=written)
+                            )
+                        assert await store.complete(claim, outcomes)
+                assert seen[0] == seen[1], step
+                if step[0] == "cleanup":
+                    # Right after a claim: Redis keeps a session while its inbox may
+                    # hold events of it, so a clean-up between add and claim may differ.
+                    counts = [await store.cleanup(now, step[3]) for store in stores]
+                    assert counts[0] == counts[1], step
+                    # Redis lets a forgotten session's last screen view expire with
+                    # its key; the memory store drops it at once.
+                    forgotten = forgotten or counts[0] > 0
+            keys = [("p1", session) for session in _SESSIONS]
+            assert await memory.history(keys) == await redis_store.history(keys), step
+            for profile in () if forgotten else ("u1", "u2", ""):
+                views = [await store.last_screen_view("p1", profile) for store in stores]
+                # Of screen_views created at the same instant, which one is "last" may differ.
+                assert [view and view.created_at for view in views[:1]] == [
+                    view and view.created_at for view in views[1:]
+                ], step
+    finally:
+        await redis_store.aclose()
+
+
+@pytest.mark.integration
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(steps=_steps)
+def test_the_redis_store_agrees_with_the_memory_store(
+    redis_server: RedisServer, steps: list[tuple[Any, ...]]
+) -> None:
+    """Whatever the traffic (copies, disorder, regular events, idle ends, partial writes,
+    clean-ups), both stores hand out the same work, history and last screen views."""
+    anyio.run(_agree, redis_server.url, steps)

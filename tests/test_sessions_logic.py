@@ -295,9 +295,13 @@ def test_is_session_event_needs_a_session_id() -> None:
 # -- inheritance -----------------------------------------------------------------------
 
 
+def mark_id(path: str) -> uuid.UUID:
+    return uuid.uuid5(uuid.NAMESPACE_URL, path)
+
+
 def marks(*pairs: tuple[int, str]) -> list[ScreenViewMark]:
     return [
-        ScreenViewMark(BASE_MS + at, f"id-{path}", path, f"https://{path}.example")
+        ScreenViewMark(BASE_MS + at, mark_id(path), path, f"https://{path}.example")
         for at, path in pairs
     ]
 
@@ -307,7 +311,7 @@ def test_inherit_takes_the_last_screen_view_created_before_the_event() -> None:
     click = ev("click", 1500)
     got = inherit(click, history)
     assert (got.path, got.origin) == ("pricing", "https://pricing.example")
-    assert got.properties == {"__inherit_from": "id-pricing"}
+    assert got.properties == {"__inherit_from": str(mark_id("pricing"))}
     assert msgspec.structs.replace(got, path="", origin="", properties={}) == click
     assert inherit(ev("click", 5000), history).path == "signup"
 
@@ -329,7 +333,10 @@ def test_inherit_keeps_what_the_event_has_of_its_own() -> None:
     bare = ev("click", 10)
     assert inherit(bare, []) is bare
     with_props = msgspec.structs.replace(bare, properties={"plan": "pro"})
-    assert inherit(with_props, history).properties == {"plan": "pro", "__inherit_from": "id-home"}
+    assert inherit(with_props, history).properties == {
+        "plan": "pro",
+        "__inherit_from": str(mark_id("home")),
+    }
     assert with_props.properties == {"plan": "pro"}, "the input is not changed"
 
 
@@ -346,7 +353,7 @@ def test_inherit_agrees_with_a_linear_scan(times: list[int], at: int) -> None:
     got = inherit(event, history)
     if before:
         assert got.path == before[-1].path
-        assert got.properties["__inherit_from"] == before[-1].id
+        assert got.properties["__inherit_from"] == str(before[-1].id)
     else:
         assert got is event
 
@@ -357,7 +364,7 @@ def test_remember_keeps_history_sorted_and_ignores_a_repeated_id() -> None:
     for event in (late, early, middle, early):
         remember(history, event)
     assert [mark.path for mark in history] == ["/a", "/b", "/c"]
-    assert history[0] == ScreenViewMark(BASE_MS + 1000, str(early.id), "/a", "")
+    assert history[0] == ScreenViewMark(BASE_MS + 1000, early.id, "/a", "")
 
 
 def test_remember_keeps_ties_in_arrival_order_and_the_latest_max_history() -> None:

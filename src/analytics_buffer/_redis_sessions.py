@@ -3,7 +3,7 @@
 It behaves as :class:`~analytics_buffer._session_store.MemorySessionStore`
 does, with claims made exclusive by a lease, so several service instances
 share the sessions. It needs Redis 7.0 or later (the scripts' ``#!lua``
-flags, ``SMISMEMBER``, ``ZADD GT``).
+flags, ``SMISMEMBER``).
 
 Key layout. A session's key string is ``<len(project_id)>:<project_id>:<session_id>``
 (unambiguous whatever the ids contain), and its shard is
@@ -15,66 +15,69 @@ the layout fits Redis Cluster (the client here is a plain
 =====================================  ======  ==============================================
 key                                    type    holds
 =====================================  ======  ==============================================
-``{ab:k}:state:<session>``             HASH    the session's state, and its events by id:
-                                               pending ones, and empty fields for the
-                                               written ones (see :mod:`._redis_scripts`)
-``{ab:k}:history:<session>``           ZSET    msgpack ScreenViewMarks by ``created_ms``,
-                                               the latest ``MAX_HISTORY``
-``{ab:k}:written:<session>``           SET     ids written, moved out of a long session's
-                                               state hash (past ``COMPACT_AT`` fields)
+``{ab:k}:inbox``                       LIST    what adds brought and no claim merged yet:
+                                               one entry per add (and shard), the add's
+                                               events grouped by session
+``{ab:k}:sessions``                    HASH    one packed value per session: its state,
+                                               pending events, written ids (the latest
+                                               ``INLINE_WRITTEN``) and screen_view history
+``{ab:k}:written:<session>``           SET     older written ids of a long session
 ``{ab:k}:index``                       ZSET    open sessions, scored by ``last_seen`` (s)
 ``{ab:k}:ended``                       ZSET    ended sessions, scored by ``last_seen``
-``{ab:k}:dirty``                       SET     sessions with new pending events
-``{ab:k}:inflight``                    SET     the dirty sessions handed to the live claim
 ``{ab:k}:claim``                       STRING  the claim's token, with the lease as ``PX``
 ``{ab:k}:done``                        STRING  the token of the last completed claim
 ``{ab:lsv}:<len>:<project>:<profile>`` STRING  the profile's last screen_view:
                                                ``<created_ms, 13 digits>|<msgpack Event>``
 =====================================  ======  ==============================================
 
-The state is a hash of plain fields, merged by the scripts (min, max, first
-non-empty) without decoding anything. Pending events and written ids live
-in the same hash (ids as their 16 bytes) because each call a script makes
-to Redis costs more than the Lua around it: one ``HMGET`` reads the state
-and tells, for each new id, whether it is pending already or written; one
-``HSET`` stores it all. Every key expires ``retention`` seconds after it was
-last written; a session's keys are renewed together, by an add, at most
-every ``retention / 100`` seconds (so they expire together). All
-last-screen-view keys share one slot, so one call per
-:meth:`~RedisSessionStore.add` updates them.
+Why this shape: Redis runs one command at a time on one core, and every
+command (from a pipeline or from Lua) costs about a microsecond, more than
+copying a few hundred bytes. So an add costs O(1) commands per shard
+(``RPUSH`` of one packed entry), whatever its number of events and sessions,
+and the claim holder does the merging (min/max of the bounds, dedup by id,
+arrival order, history) in Python, where it reads and writes each touched
+session's value once per claim (one ``HMGET`` and one ``HSET`` per shard).
+Only the holder of a shard's claim writes its ``sessions`` hash and trims
+its inbox, so the merge needs no lock beyond the claim.
 
 Scripts (:mod:`._redis_scripts`), registered once and run by ``EVALSHA``;
 a script the server lost (restart, ``SCRIPT FLUSH``) is loaded and only the
 calls that missed it are sent again:
 
-* ``add``: one call per touched shard (split to bound its run time), all in
-  one pipeline with the last-screen-view update: one round trip per
-  :meth:`~RedisSessionStore.add`. Running it twice changes nothing more, so
-  a caller may retry it.
+* ``add``: per shard, ``RPUSH`` of the add's entries, in one pipeline with
+  the last-screen-view update: one round trip per
+  :meth:`~RedisSessionStore.add`. Running it twice changes nothing more
+  (ids already pending or written are recognised at the merge), so a caller
+  may retry it.
 * ``claim``: takes the shard (``SET claim PX`` after checking it is free,
-  atomically, and only when the shard has work), up to ``claim_size`` dirty
-  sessions (moved to ``inflight``) and idle ones, with their pending events.
-  The sessions of a claim whose lease ran out before ``complete`` are dirty
-  again for the next one.
-* ``complete``: fenced by the token; applies the outcomes, releases the
-  claim and records the token in ``done``, so a retried complete whose first
-  attempt got through still answers ``True``.
-* ``cleanup``: removes ended, stale sessions that have nothing pending.
+  atomically, and only when the shard has work) and returns inbox entries
+  from its head (up to ``claim_size`` events) and, when the whole inbox
+  is taken, idle sessions. Nothing is removed: a claim whose lease runs out
+  before ``complete`` leaves everything for the next one.
+* ``complete``: fenced by the token; writes the merged, settled sessions,
+  trims the entries the claim merged, releases the claim and records the
+  token in ``done``, so a retried complete whose first attempt got through
+  still answers ``True``.
+* ``cleanup``: removes ended, stale sessions that have nothing pending
+  (skipping a claimed shard, whose holder may write them back).
 
-Pending events come back in arrival order (the first arrival of an id keeps
-its place), as from the in-memory store. Redis errors leave as
-:class:`~analytics_buffer.StoreUnavailable` (:func:`map_exceptions`);
-redis-py's own retries are off, so the caller decides when to retry.
+Every key expires ``retention`` seconds after it was last written (the
+``sessions`` hash, index and inbox are renewed by every add or complete);
+stale sessions inside them are removed by ``cleanup``.
+
+Redis errors leave as :class:`~analytics_buffer.StoreUnavailable`
+(:func:`map_exceptions`); redis-py's own retries are off, so the caller
+decides when to retry.
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, cast, final
 
-import msgspec
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -84,24 +87,37 @@ from redis.commands.core import AsyncScript
 from . import _redis_scripts as scripts
 from ._event import Event
 from ._exceptions import StoreUnavailable
-from ._session_store import Claim, SessionKey, SessionOutcome, SessionWork, shard_of
+from ._redis_merge import (
+    ENCODER,
+    ENTRY_DECODER,
+    EVENT_DECODER,
+    INLINE_WRITTEN,
+    STORED_DECODER,
+    Entry,
+    Held,
+    Merged,
+    changes,
+    decode_history,
+    last_screen_views,
+    load,
+    lua_str,
+    merge_groups,
+)
+from ._session_store import Claim, SessionKey, SessionOutcome, shard_of
 from ._sessions import (
     MAX_HISTORY,
     SCREEN_VIEW,
-    SESSION_END,
     ScreenViewMark,
-    SessionState,
     epoch_ms,
 )
 
-__all__ = ("RedisSessionStore", "map_exceptions", "session_key")
+__all__ = ("INLINE_WRITTEN", "RedisSessionStore", "map_exceptions", "session_key")
 
-_SCRIPT_EVENTS: Final = 2048
-"""Sessions plus events per ``add`` script call: bounds how long one call blocks Redis."""
 _CLEANUP_BATCH: Final = 1000
-_SESSION_EVENTS: Final = frozenset((SCREEN_VIEW, SESSION_END))
-_STR8: Final = [b"\xd9" + bytes((size,)) for size in range(256)]
-_ID_HEAD: Final = _STR8[16]
+_SENT_EVENTS: Final = 200_000
+"""Events of this store's own inbox entries kept decoded, so its claims need not
+decode them again; past this the oldest are dropped (and decoded if claimed).
+As many as the buffer holds by default (``max_buffered_events``)."""
 _Call = tuple[AsyncScript, Sequence[str], Sequence[str | bytes]]
 
 
@@ -130,25 +146,10 @@ def session_key(key: SessionKey) -> str:
     return f"{len(project_id)}:{project_id}:{session_id}"
 
 
-def _parse_session_key(raw: bytes) -> SessionKey:
-    length, _, rest = raw.decode().partition(":")
+def _parse_session_key(name: str) -> SessionKey:
+    length, _, rest = name.partition(":")
     size = int(length)
     return rest[:size], rest[size + 1 :]
-
-
-def _lua_str(data: bytes) -> msgspec.Raw:
-    """``data`` as a msgpack ``str``: the cmsgpack in Redis cannot read ``bin``."""
-    size = len(data)
-    if size < 256:
-        return msgspec.Raw(_STR8[size] + data)
-    if size < 65536:
-        return msgspec.Raw(b"\xda" + size.to_bytes(2) + data)
-    return msgspec.Raw(b"\xdb" + size.to_bytes(4) + data)
-
-
-def _id_bytes(event_id: str) -> bytes:
-    # Outcomes carry str(uuid); fields hold the 16 bytes.
-    return bytes.fromhex(event_id.replace("-", ""))
 
 
 @final
@@ -161,8 +162,10 @@ class RedisSessionStore:
         claims (every instance must use the same number)
     :param retention: seconds every key lives after it was last written
     :param socket_timeout: seconds to wait for a connection or a reply
-    :param claim_size: at most this many sessions per claim; the rest of a
-        shard's work stays for the next claim
+    :param claim_size: at most this many events (and idle sessions) per
+        claim; adds are split into inbox entries of at most this many events,
+        and a claim takes whole entries (at least one); the rest of a shard's
+        work stays for the next claim
     """
 
     def __init__(
@@ -173,7 +176,7 @@ class RedisSessionStore:
         shards: int = 16,
         retention: float = 86400.0,
         socket_timeout: float = 5.0,
-        claim_size: int = 1000,
+        claim_size: int = 20_000,
     ) -> None:
         if shards < 1 or claim_size < 1 or retention <= 0:
             raise ValueError("shards and claim_size must be >= 1, retention > 0")
@@ -185,127 +188,119 @@ class RedisSessionStore:
         )
         self._shards = shards
         self._ttl_ms = str(max(1, round(retention * 1000)))
-        self._renew = repr(retention / 100)
-        self._claim_size = str(claim_size)
+        self._claim_size = claim_size
         self._tags = [f"{{{prefix}:{shard}}}:" for shard in range(shards)]
         self._lsv_tag = f"{{{prefix}:lsv}}:"
-        self._encoder = msgspec.msgpack.Encoder()
-        self._event_decoder = msgspec.msgpack.Decoder(Event)
-        self._mark_decoder = msgspec.msgpack.Decoder(ScreenViewMark)
         self._add = self._redis.register_script(scripts.ADD)
         self._last_screen_view = self._redis.register_script(scripts.LAST_SCREEN_VIEW)
         self._claim = self._redis.register_script(scripts.CLAIM)
+        self._states = self._redis.register_script(scripts.STATES)
+        self._spilled = self._redis.register_script(scripts.SPILLED)
         self._complete = self._redis.register_script(scripts.COMPLETE)
         self._cleanup = self._redis.register_script(scripts.CLEANUP)
         self._rotation = int.from_bytes(os.urandom(2))
+        # Entry ids: unique across instances, so a claim knows its own entries.
+        self._entry_prefix = int.from_bytes(os.urandom(6)) << 32
+        self._entries = 0
+        self._sent: dict[int, tuple[int, Entry]] = {}
+        self._sent_events = 0
+        self._names: dict[SessionKey, tuple[str, int]] = {}
+        self._held: dict[str, Held] = {}
 
     def shard_keys(self, shard: int) -> dict[str, str]:
         """The fixed keys of ``shard`` by role (for tests and operators)."""
         tag = self._tags[shard]
-        roles = ("index", "ended", "dirty", "inflight", "claim", "done")
+        roles = ("inbox", "sessions", "index", "ended", "claim", "done")
         return {role: tag + role for role in roles}
 
     def session_keys(self, key: SessionKey) -> dict[str, str]:
         """The keys of one session by role (for tests and operators)."""
         tag, name = self._tags[shard_of(key, self._shards)], session_key(key)
-        return {role: f"{tag}{role}:{name}" for role in ("state", "history", "written")}
+        return {"written": f"{tag}written:{name}"}
 
     def last_screen_view_key(self, project_id: str, profile_id: str) -> str:
         """The key of a profile's last screen_view."""
         return f"{self._lsv_tag}{len(project_id)}:{project_id}:{profile_id}"
 
+    def _name(self, key: SessionKey) -> tuple[str, int]:
+        known = self._names.get(key)
+        if known is None:
+            if len(self._names) >= 100_000:
+                self._names.clear()
+            known = self._names[key] = (session_key(key), shard_of(key, self._shards))
+        return known
+
+    def _session_name(self, key: SessionKey) -> str:
+        return self._name(key)[0]
+
     async def add(self, events: Sequence[Event], now: float) -> None:
         """Record events that carry a session_id, arrived at wall-clock ``now``.
 
-        One round trip whatever the number of events.
+        One round trip whatever the number of events: each shard's events go
+        to its inbox as they are (the claimer groups and merges them).
 
         :raises StoreUnavailable: Redis cannot be reached; retrying is safe
         """
         if not events:
             return
-        # Coalesce per session: [first_ms, last_ms, profile_id, {id: (event, created_ms)}]
-        sessions: dict[SessionKey, list[Any]] = {}
-        latest: dict[tuple[str, str], tuple[int, bytes]] = {}
+        names = self._names
+        by_shard: dict[int, list[Event]] = {}
         for event in events:
             key = (event.project_id, event.session_id)
-            created = epoch_ms(event.created_at)
-            batch = sessions.get(key)
-            if batch is None:
-                batch = sessions[key] = [created, created, event.profile_id, {}]
+            known = names.get(key) or self._name(key)
+            shard_events = by_shard.get(known[1])
+            if shard_events is None:
+                by_shard[known[1]] = [event]
             else:
-                if created < batch[0]:
-                    batch[0] = created
-                elif created > batch[1]:
-                    batch[1] = created
-                if not batch[2]:
-                    batch[2] = event.profile_id
-            name = event.name
-            if key[1] and name in _SESSION_EVENTS:
-                event_id = event.id.bytes
-                batch[3][event_id] = (event, created)
-                if name == SCREEN_VIEW:
-                    profile = (key[0], event.profile_id)
-                    known = latest.get(profile)
-                    if known is None or known[0] <= created:
-                        latest[profile] = (created, event_id)
-        payloads: dict[bytes, bytes] = {}
-        calls = self._add_calls(sessions, repr(float(now)), payloads)
-        if latest:
-            views = [
-                (
-                    f"{len(project_id)}:{project_id}:{profile_id}",
-                    _lua_str(b"%013d|" % created + payloads[event_id]),
-                )
-                for (project_id, profile_id), (created, event_id) in latest.items()
-            ]
-            args: list[str | bytes] = [self._ttl_ms, self._encoder.encode(views)]
-            calls.append((self._last_screen_view, [self._lsv_tag], args))
+                shard_events.append(event)
+        encode = ENCODER.encode
+        size = self._claim_size
+        calls: list[_Call] = []
+        for shard, shard_events in by_shard.items():
+            entries: list[str | bytes] = [self._ttl_ms]
+            for start in range(0, len(shard_events), size):
+                entry = Entry(now, shard_events[start : start + size])
+                self._entries += 1
+                entry_id = self._entry_prefix | (self._entries & 0xFFFFFFFF)
+                self._remember_sent(entry_id, shard, entry)
+                entries.append(b"%d:%d:" % (len(entry.events), entry_id) + encode(entry))
+            calls.append((self._add, [self._tags[shard] + "inbox"], entries))
         with map_exceptions("add"):
             await self._run(calls)
 
-    def _add_calls(
-        self, sessions: dict[SessionKey, list[Any]], now: str, payloads: dict[bytes, bytes]
-    ) -> list[_Call]:
-        """One ``add`` script call per shard (or part of one), filling ``payloads``."""
-        encode = self._encoder.encode
-        by_shard: dict[int, list[list[Any]]] = {}
-        for key, (first, last, profile, pending) in sessions.items():
-            record: list[Any] = [session_key(key), str(first), str(last), profile]
-            for event_id, (event, created) in pending.items():
-                payload = payloads[event_id] = encode(event)
-                # Ids are 16 bytes: their msgpack str header is fixed.
-                raw_id = msgspec.Raw(_ID_HEAD + event_id)
-                if event.name == SCREEN_VIEW:
-                    mark = encode((created, event.id, event.path, event.origin))
-                    record += (raw_id, _lua_str(payload), str(created), _lua_str(mark))
-                else:
-                    record += (raw_id, _lua_str(payload), "", "")
-            by_shard.setdefault(shard_of(key, self._shards), []).append(record)
-        calls: list[_Call] = []
-        for shard, records in by_shard.items():
-            tag = self._tags[shard]
-            keys = [tag + "index", tag + "dirty", tag + "ended"]
-            head = [tag, now, self._ttl_ms, self._renew, str(MAX_HISTORY)]
-            # Split so that one call does not block Redis for long.
-            chunk: list[list[Any]] = []
-            size = 0
-            for record in records:
-                chunk.append(record)
-                size += len(record) // 4
-                if size >= _SCRIPT_EVENTS:
-                    calls.append((self._add, keys, [*head, encode(chunk)]))
-                    chunk, size = [], 0
-            if chunk:
-                calls.append((self._add, keys, [*head, encode(chunk)]))
-        return calls
+    def _remember_sent(self, entry_id: int, shard: int, entry: Entry) -> None:
+        self._sent[entry_id] = (shard, entry)
+        self._sent_events += len(entry.events)
+        while self._sent_events > _SENT_EVENTS and self._sent:
+            self._forget_sent(next(iter(self._sent)))
+
+    def _forget_consumed(self, shard: int, present: set[int]) -> None:
+        """Forget this store's entries of ``shard`` missing from its whole inbox.
+
+        Another instance's claim merged them (or the server lost them); only
+        this store's own claims forget entries otherwise. Forgetting one too
+        many only costs a decode.
+        """
+        gone = [
+            entry_id
+            for entry_id, (entry_shard, _) in self._sent.items()
+            if entry_shard == shard and entry_id not in present
+        ]
+        for entry_id in gone:
+            self._forget_sent(entry_id)
+
+    def _forget_sent(self, entry_id: int) -> None:
+        sent = self._sent.pop(entry_id, None)
+        if sent is not None:
+            self._sent_events -= len(sent[1].events)
 
     async def claim(
         self, owner: str, now: float, *, timeout: float, lease: float, limit: int
     ) -> list[Claim]:
         """Claim up to ``limit`` shards that have work, for ``lease`` seconds.
 
-        A shard has work when it holds dirty sessions or open sessions last
-        seen at or before ``now - timeout`` (returned with ``idle=True``).
+        A shard has work when its inbox holds entries or open sessions were
+        last seen at or before ``now - timeout`` (returned with ``idle=True``).
         The lease runs on the Redis server's clock.
 
         :raises StoreUnavailable: Redis cannot be reached
@@ -328,17 +323,17 @@ class RedisSessionStore:
                 calls: list[_Call] = []
                 for shard, token in zip(batch, tokens, strict=True):
                     tag = self._tags[shard]
-                    keys = [tag + "claim", tag + "dirty", tag + "index", tag + "inflight"]
-                    args = [token, lease_ms, repr(idle_before), self._claim_size, tag, self._ttl_ms]
+                    keys = [tag + "claim", tag + "inbox", tag + "index"]
+                    args = [token, lease_ms, repr(idle_before), str(self._claim_size)]
                     calls.append((self._claim, keys, args))
                 replies = await self._run(calls)
-                for shard, token, reply in zip(batch, tokens, replies, strict=True):
-                    if reply:
-                        sessions = [
-                            self._work(reply[at], reply[at + 1], idle_before)
-                            for at in range(0, len(reply), 2)
-                        ]
-                        found.append(Claim(shard=shard, token=token, sessions=sessions))
+                granted = [
+                    (shard, token, reply)
+                    for shard, token, reply in zip(batch, tokens, replies, strict=True)
+                    if reply
+                ]
+                if granted:
+                    found += await self._merge(granted, idle_before)
         found.sort(key=lambda claim: claim.shard)
         return found
 
@@ -347,102 +342,224 @@ class RedisSessionStore:
             for shard in shards:
                 tag = self._tags[shard]
                 pipe.exists(tag + "claim")
-                pipe.scard(tag + "dirty")
-                pipe.scard(tag + "inflight")
+                pipe.llen(tag + "inbox")
                 pipe.zcount(tag + "index", "-inf", repr(idle_before))
             replies = await pipe.execute()
         return [
             shard
             for at, shard in enumerate(shards)
-            if not replies[4 * at] and any(replies[4 * at + 1 : 4 * at + 4])
+            if not replies[3 * at] and (replies[3 * at + 1] or replies[3 * at + 2])
         ]
 
-    def _work(self, raw_key: bytes, flat: list[bytes], idle_before: float) -> SessionWork:
-        project_id, session_id = _parse_session_key(raw_key)
-        fields: dict[bytes, bytes] = {}
-        ordered: list[tuple[int, bytes]] = []
-        for at in range(0, len(flat), 2):
-            name, value = flat[at], flat[at + 1]
-            if len(name) == 1:
-                fields[name] = value
-            elif value:  # pending; an empty value marks a written id
-                order, _, payload = value.partition(b"|")
-                ordered.append((int(order), payload))
-        ordered.sort(key=lambda pair: pair[0])
-        state = SessionState(
-            project_id=project_id,
-            session_id=session_id,
-            profile_id=fields[b"p"].decode(),
-            first_ms=int(fields[b"f"]),
-            last_activity_ms=int(fields[b"l"]),
-            last_seen=float(fields[b"s"]),
-            screen_views=int(fields[b"v"]),
-            ended=fields[b"e"] == b"1",
-        )
-        decode = self._event_decoder.decode
-        return SessionWork(
-            key=(project_id, session_id),
-            state=state,
-            pending=[decode(payload) for _, payload in ordered],
-            idle=not state.ended and state.last_seen <= idle_before,
-        )
+    async def _merge(
+        self, granted: list[tuple[int, str, list[Any]]], idle_before: float
+    ) -> list[Claim]:
+        """Read the granted shards' sessions, merge their inbox entries in, hand out work."""
+        plans = []
+        for shard, token, (raw_entries, idle, waiting) in granted:
+            present: set[int] = set()
+            own: list[int] = []
+            # Each session's events in arrival order, and its latest arrival time.
+            groups: dict[SessionKey, tuple[list[float], list[Event]]] = {}
+            for raw in raw_entries:
+                _, _, rest = raw.partition(b":")
+                head, _, body = rest.partition(b":")
+                entry_id = int(head)
+                present.add(entry_id)
+                sent = self._sent.get(entry_id)
+                if sent is not None:
+                    entry = sent[1]
+                    own.append(entry_id)
+                else:
+                    entry = ENTRY_DECODER.decode(body)
+                now = entry.now
+                for event in entry.events:
+                    key = (event.project_id, event.session_id)
+                    group = groups.get(key)
+                    if group is None:
+                        groups[key] = ([now], [event])
+                    else:
+                        group[1].append(event)
+                        if now > group[0][0]:
+                            group[0][0] = now
+            if len(raw_entries) == waiting:
+                self._forget_consumed(shard, present)
+            keys = list(groups)
+            keys += (
+                key
+                for key in (_parse_session_key(name.decode()) for name in idle)
+                if key not in groups
+            )
+            plans.append((shard, token, len(raw_entries), groups, own, keys))
+        # The sessions' stored values: one call per shard, all in one round trip with
+        # the profiles' last screen views (facts, recorded before the entries go).
+        calls: list[_Call] = [
+            (
+                self._states,
+                [self._tags[shard] + "sessions"],
+                [ENCODER.encode([self._name(key)[0] for key in keys])],
+            )
+            for shard, _, _, _, _, keys in plans
+        ]
+        views = last_screen_views(groups for _, _, _, groups, _, _ in plans)
+        if views:
+            args: list[str | bytes] = [self._ttl_ms, ENCODER.encode(views)]
+            calls.append((self._last_screen_view, [self._lsv_tag], args))
+        values = (await self._run(calls))[: len(plans)]
+        merges = []
+        for (shard, token, consumed, groups, own, keys), stored in zip(plans, values, strict=True):
+            merged = {
+                key: load(key, self._name(key)[0], value)
+                for key, value in zip(keys, stored, strict=True)
+            }
+            merges.append((shard, token, consumed, groups, own, merged))
+        already = await self._written_long_ago(merges)
+        claims = []
+        for shard, token, consumed, groups, own, merged in merges:
+            work = merge_groups(groups, merged, already, idle_before, self._session_name)
+            self._held = {
+                held_token: held for held_token, held in self._held.items() if held.shard != shard
+            }
+            self._held[token] = Held(shard, consumed, merged, own)
+            claims.append(Claim(shard=shard, token=token, sessions=work))
+        return claims
+
+    async def _written_long_ago(
+        self,
+        merges: list[
+            tuple[
+                int,
+                str,
+                int,
+                dict[SessionKey, tuple[list[float], list[Event]]],
+                list[int],
+                dict[SessionKey, Merged | None],
+            ]
+        ],
+    ) -> set[int]:
+        """Ids of the entries' events found in the written sets of long sessions."""
+        calls: list[_Call] = []
+        asked: list[list[Event]] = []
+        for shard, _, _, groups, _, merged in merges:
+            asks: dict[str, list[Event]] = {}
+            for key, (_, events) in groups.items():
+                session = merged.get(key)
+                if session is not None and session.spilled:
+                    asks[session.name] = events
+            if asks:
+                payload = [
+                    [name, *(lua_str(event.id.bytes) for event in events)]
+                    for name, events in asks.items()
+                ]
+                calls.append((self._spilled, [self._tags[shard]], [ENCODER.encode(payload)]))
+                asked += asks.values()
+        if not calls:
+            return set()
+        already: set[int] = set()
+        replies = await self._run(calls)
+        flags = [flag for reply in replies for flag in reply]
+        for events, found in zip(asked, flags, strict=True):
+            already.update(event.id.int for event, hit in zip(events, found, strict=True) if hit)
+        return already
 
     async def complete(self, claim: Claim, outcomes: Sequence[SessionOutcome]) -> bool:
         """Apply ``outcomes`` and release ``claim``; ``False`` if the claim had expired.
 
         Fenced by the claim's token: when another claimer holds the shard now,
         nothing is applied. It stores what settling decides (``screen_views``,
-        ``ended``, the written ids); the activity fields (first and last
-        activity, last seen, profile) are kept by :meth:`add`, so what other
-        instances added meanwhile is never overwritten. A session never
-        returns from ended.
+        ``ended``, the written ids) with what the claim merged; the activity
+        that adds brought meanwhile waits in the inbox for the next claim. A
+        session never returns from ended.
 
         :raises ValueError: an outcome's session is not in the claim's shard
         :raises StoreUnavailable: Redis cannot be reached; retrying is safe
         """
-        records = []
         for outcome in outcomes:
             if shard_of(outcome.key, self._shards) != claim.shard:
                 raise ValueError(f"session {outcome.key!r} is not in shard {claim.shard}")
-            state = outcome.state
-            records.append(
-                [
-                    session_key(outcome.key),
-                    str(state.screen_views),
-                    state.ended,
-                    *(msgspec.Raw(_ID_HEAD + _id_bytes(event_id)) for event_id in outcome.written),
-                ]
-            )
+        held = self._held.get(claim.token)
         tag = self._tags[claim.shard]
-        keys = [tag + role for role in ("claim", "index", "ended", "inflight", "done")]
-        args: list[str | bytes] = [claim.token, tag, self._ttl_ms, self._encoder.encode(records)]
+        keys = [tag + role for role in ("claim", "done", "inbox", "sessions", "index", "ended")]
+        if held is None:
+            # Completed already (or never ours): the fence answers.
+            shard_changes: list[Any] = [[], [], [], [], [], []]
+            consumed = 0
+        else:
+            shard_changes = changes(held, outcomes, self._session_name)
+            consumed = held.consumed
+        payload = ENCODER.encode(shard_changes)
+        args: list[str | bytes] = [claim.token, tag, self._ttl_ms, str(consumed), payload]
         with map_exceptions("complete"):
             (applied,) = await self._run([(self._complete, keys, args)])
+        if held is not None:
+            del self._held[claim.token]
+            for entry_id in held.own:
+                self._forget_sent(entry_id)
         return bool(applied)
+
+    async def _inbox_events(self, shards: Sequence[int]) -> list[list[Event]]:
+        """The events waiting in each shard's inbox, in arrival order (for reads)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.lrange(self._tags[shard] + "inbox", 0, -1)
+            inboxes: list[list[bytes]] = await pipe.execute()
+        decode = ENTRY_DECODER.decode
+        return [
+            [event for raw in inbox for event in decode(raw.split(b":", 2)[2]).events]
+            for inbox in inboxes
+        ]
 
     async def history(self, keys: Sequence[SessionKey]) -> dict[SessionKey, list[ScreenViewMark]]:
         """The screen_view history of each session that exists, oldest first.
+
+        It includes the screen_views still in the inbox (added, not merged yet).
 
         :raises StoreUnavailable: Redis cannot be reached
         """
         if not keys:
             return {}
+        by_shard: dict[int, list[SessionKey]] = {}
+        for key in keys:
+            by_shard.setdefault(shard_of(key, self._shards), []).append(key)
         with map_exceptions("history"):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    tag, name = self._tags[shard_of(key, self._shards)], session_key(key)
-                    pipe.exists(f"{tag}state:{name}")
-                    pipe.zrange(f"{tag}history:{name}", 0, -1)
-                replies = await pipe.execute()
-        decode = self._mark_decoder.decode
-        return {
-            key: [decode(member) for member in replies[2 * at + 1]]
-            for at, key in enumerate(keys)
-            if replies[2 * at]
-        }
+            calls: list[_Call] = []
+            for shard, shard_keys in by_shard.items():
+                names = [session_key(key) for key in shard_keys]
+                calls.append(
+                    (self._states, [self._tags[shard] + "sessions"], [ENCODER.encode(names)])
+                )
+            values = await self._run(calls)
+            inboxes = await self._inbox_events(list(by_shard))
+        found: dict[SessionKey, list[ScreenViewMark]] = {}
+        for shard_keys, stored, inbox in zip(by_shard.values(), values, inboxes, strict=True):
+            for key, value in zip(shard_keys, stored, strict=True):
+                if value is not None:
+                    kept = STORED_DECODER.decode(memoryview(value)[1:])
+                    found[key] = decode_history(kept.history, kept.marks)
+            wanted = set(shard_keys)
+            for event in inbox:
+                key = (event.project_id, event.session_id)
+                if key in wanted:
+                    marks = found.setdefault(key, [])
+                    if event.name == SCREEN_VIEW:
+                        marks.append(
+                            ScreenViewMark(
+                                epoch_ms(event.created_at), event.id, event.path, event.origin
+                            )
+                        )
+        for key, marks in found.items():
+            unique: dict[uuid.UUID, ScreenViewMark] = {}
+            for mark in marks:
+                unique.setdefault(mark.id, mark)
+            ordered = sorted(unique.values(), key=lambda mark: mark.created_ms)
+            found[key] = ordered[-MAX_HISTORY:]
+        return found
 
     async def last_screen_view(self, project_id: str, profile_id: str) -> Event | None:
         """The latest screen_view (by ``created_at``) of a profile.
+
+        Claims record it as they merge; screen_views still in the inboxes
+        (added, not merged yet) are looked at too, and win ties.
 
         :raises StoreUnavailable: Redis cannot be reached
         """
@@ -452,12 +569,25 @@ class RedisSessionStore:
                 "bytes | None",
                 await self._redis.get(self.last_screen_view_key(project_id, profile_id)),
             )
-        return None if raw is None else self._event_decoder.decode(memoryview(raw)[14:])
+            inboxes = await self._inbox_events(range(self._shards))
+        latest = None if raw is None else EVENT_DECODER.decode(memoryview(raw)[14:])
+        for inbox in inboxes:
+            for event in inbox:
+                if (
+                    event.name == SCREEN_VIEW
+                    and event.session_id
+                    and event.project_id == project_id
+                    and event.profile_id == profile_id
+                    and (latest is None or latest.created_at <= event.created_at)
+                ):
+                    latest = event
+        return latest
 
     async def cleanup(self, now: float, retention: float) -> int:
         """Forget ended sessions last seen before ``now - retention``; return how many.
 
-        Sessions that still hold pending events are kept.
+        Sessions that still hold pending events (or inbox entries) are kept;
+        a shard that is claimed right now is skipped until the next clean-up.
 
         :raises StoreUnavailable: Redis cannot be reached
         """
@@ -469,13 +599,16 @@ class RedisSessionStore:
                 calls: list[_Call] = []
                 for shard, offset in offsets.items():
                     tag = self._tags[shard]
-                    keys = [tag + "ended", tag + "index", tag + "dirty"]
+                    roles = ("claim", "inbox", "sessions", "index", "ended")
+                    keys = [tag + role for role in roles]
                     args = [tag, cutoff, str(offset), str(_CLEANUP_BATCH)]
                     calls.append((self._cleanup, keys, args))
                 replies = await self._run(calls)
-                for (shard, offset), (gone, examined) in zip(
-                    list(offsets.items()), replies, strict=True
-                ):
+                for (shard, offset), reply in zip(list(offsets.items()), replies, strict=True):
+                    if not reply:
+                        del offsets[shard]
+                        continue
+                    gone, examined = reply
                     removed += gone
                     if examined < _CLEANUP_BATCH:
                         del offsets[shard]

@@ -51,7 +51,10 @@ T = TypeVar("T")
 
 _CLEANUP_EVERY: Final = 60
 """Cycles between two clean-ups of stale sessions."""
-_SLICE: Final = 2000
+_CLAIM_ROUNDS: Final = 64
+"""Claim rounds per cycle at most (each takes up to ``claim_size`` events per
+shard), so that a cycle ends even while other instances keep adding."""
+_SLICE: Final = 10_000
 """Events handed to the store per call: one round trip each, a checkpoint between."""
 
 
@@ -209,45 +212,73 @@ class SessionActor(Actor):
                 await self._event_buffer.send((event, size))
 
     async def _settle_claims(self) -> None:
+        """Claim and settle until no shard has work left (a claim takes a bounded part)."""
         settings = self._settings
-        _, claims = await self._guard(
-            self._store.claim(
-                self._owner,
-                self._wall_clock(),
-                timeout=settings.session_timeout,
-                lease=settings.session_lease,
-                limit=settings.session_shards,
+        for _ in range(_CLAIM_ROUNDS):
+            _, claims = await self._guard(
+                self._store.claim(
+                    self._owner,
+                    self._wall_clock(),
+                    timeout=settings.session_timeout,
+                    lease=settings.session_lease,
+                    limit=settings.session_shards,
+                )
             )
-        )
-        if claims:
+            if not claims:
+                return
             await self._settle(claims, drain=False)
 
     async def _settle(self, claims: list[Claim], *, drain: bool) -> None:
-        """Settle the claimed sessions, write what they produce as one batch, then complete."""
+        """Settle the claims, have the Writer store what they produced, then complete them.
+
+        Settled events go to the Writer in batches of about ``max_batch_events``
+        as soon as such a batch is full, so ClickHouse stores one while the
+        next is settled; a claim is completed once the batch holding the last
+        of its events is stored.
+        """
+        counters = self._counters
+        sent: list[tuple[list[tuple[Claim, list[SessionOutcome]]], Reply[None] | None]] = []
         write: list[Event] = []
-        outcomes: list[list[SessionOutcome]] = []
+        settled_claims: list[tuple[Claim, list[SessionOutcome]]] = []
         for claim in claims:
-            outcomes.append([])
+            outcomes: list[SessionOutcome] = []
             for work in claim.sessions:
                 settled = settle(work.pending, work.state, end=work.idle, drain=drain)
                 write += settled.write
-                still = {event.id for event in settled.pending}
-                written = [str(event.id) for event in work.pending if event.id not in still]
-                outcomes[-1].append(SessionOutcome(key=work.key, state=work.state, written=written))
-                self._counters.sessions_ended += settled.ended
-                self._counters.session_screen_views += sum(
+                if settled.pending:
+                    # The events settle kept pending are the very objects of the claim.
+                    still = {id(event) for event in settled.pending}
+                    written = [event.id for event in work.pending if id(event) not in still]
+                else:
+                    written = [event.id for event in work.pending]
+                outcomes.append(SessionOutcome(key=work.key, state=work.state, written=written))
+                counters.sessions_ended += settled.ended
+                counters.session_screen_views += sum(
                     1 for event in settled.write if event.name == "screen_view"
                 )
+            settled_claims.append((claim, outcomes))
+            if len(write) >= self._settings.max_batch_events:
+                sent.append((settled_claims, await self._send(write)))
+                write, settled_claims = [], []
             await anyio.lowlevel.checkpoint()
-        if write:
-            done: Reply[None] = Reply()
-            batch = Batch(_token(write), write, 0, held=0)
-            await self._writer.send(WriteBatch(batch, done))
-            await done.wait()
-        for claim, claim_outcomes in zip(claims, outcomes, strict=True):
-            reached, completed = await self._guard(self._store.complete(claim, claim_outcomes))
-            if reached and not completed:
-                log.warning("claim on shard %d expired before it completed", claim.shard)
+        if settled_claims:
+            sent.append((settled_claims, await self._send(write)))
+        for batch_claims, done in sent:
+            if done is not None:
+                await done.wait()
+            for claim, outcomes in batch_claims:
+                reached, completed = await self._guard(self._store.complete(claim, outcomes))
+                if reached and not completed:
+                    log.warning("claim on shard %d expired before it completed", claim.shard)
+
+    async def _send(self, write: list[Event]) -> Reply[None] | None:
+        """Hand ``write`` to the Writer as one batch; ``None`` when there is nothing."""
+        if not write:
+            return None
+        done: Reply[None] = Reply()
+        batch = Batch(_token(write), write, 0, held=0)
+        await self._writer.send(WriteBatch(batch, done))
+        return done
 
     async def _guard(self, operation: Awaitable[T]) -> tuple[bool, T | None]:
         """Await a store operation; on StoreUnavailable note the degraded state."""
@@ -274,7 +305,5 @@ class SessionActor(Actor):
 
 def _token(events: list[Event]) -> str:
     """The same events settled again (after a lost claim) give the same token."""
-    digest = hashlib.blake2b(digest_size=12)
-    for event_id in sorted(event.id.bytes for event in events):
-        digest.update(event_id)
-    return f"s-{digest.hexdigest()}"
+    ids = repr(sorted([event.id.int for event in events])).encode()
+    return f"s-{hashlib.blake2b(ids, digest_size=12).hexdigest()}"

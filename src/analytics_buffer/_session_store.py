@@ -18,6 +18,7 @@ the same session at once and a crashed instance's claim expires.
 
 from __future__ import annotations
 
+import uuid
 import zlib
 from collections.abc import Sequence
 from typing import Protocol, final
@@ -76,9 +77,9 @@ class SessionOutcome(msgspec.Struct, kw_only=True):
 
     key: SessionKey
     state: SessionState
-    written: list[str]
-    """Ids (``str(event.id)``) of the pending events now in ClickHouse (or
-    dead-lettered). An outcome belongs to a session of its claim's shard."""
+    written: list[uuid.UUID]
+    """Ids of the pending events now in ClickHouse (or dead-lettered). An
+    outcome belongs to a session of its claim's shard."""
 
 
 class SessionStore(Protocol):
@@ -118,8 +119,8 @@ class _Session:
 
     def __init__(self, state: SessionState) -> None:
         self.state = state
-        self.pending: dict[str, Event] = {}
-        self.written: set[str] = set()
+        self.pending: dict[uuid.UUID, Event] = {}
+        self.written: set[uuid.UUID] = set()
         self.history: list[ScreenViewMark] = []
 
 
@@ -161,7 +162,7 @@ class MemorySessionStore:
             state.profile_id = state.profile_id or event.profile_id
             if not is_session_event(event):
                 continue
-            event_id = str(event.id)
+            event_id = event.id
             if event_id in session.written:
                 continue
             session.pending[event_id] = event

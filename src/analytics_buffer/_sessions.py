@@ -32,6 +32,7 @@ import bisect
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from operator import attrgetter
 from typing import Final
 
 import msgspec
@@ -56,6 +57,8 @@ SCREEN_VIEW: Final = "screen_view"
 SESSION_END: Final = "session_end"
 _SESSION_END_IDS: Final = uuid.UUID("6f1c1d3e-2b4a-4c1e-9a53-5e55e5e55e55")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_CREATED: Final = attrgetter("created_at")
+_BOUNDARIES: Final = frozenset((SCREEN_VIEW, SESSION_END))
 MAX_HISTORY: Final = 1000
 """Screen views remembered per session for inheritance (the latest ones)."""
 
@@ -80,7 +83,7 @@ class ScreenViewMark(msgspec.Struct, array_like=True, frozen=True):
     """What inheritance needs of a screen_view."""
 
     created_ms: int
-    id: str
+    id: uuid.UUID
     path: str
     origin: str
 
@@ -129,18 +132,21 @@ def settle(
     if state.ended:
         # Late arrivals for an ended session: written as they are.
         return Settled(write=events, pending=[], ended=False)
-    # Right to left: each screen_view's successor is the nearest later boundary.
-    successors: list[int | None] = []
-    boundary: int | None = None
-    for event in reversed(events):
-        successors.append(boundary)
-        if event.name in (SCREEN_VIEW, SESSION_END):
-            boundary = epoch_ms(event.created_at)
-    successors.reverse()
+    # Each screen_view's successor is the nearest later boundary (screen_view or
+    # session_end: what stores keep pending, so usually every event is one).
+    created = [epoch_ms(event.created_at) for event in events]
+    successors: list[int | None] = [*created[1:], None] if created else []
+    if any(event.name not in _BOUNDARIES for event in events):
+        boundary: int | None = None
+        for at in range(len(events) - 1, -1, -1):
+            successors[at] = boundary
+            if events[at].name in _BOUNDARIES:
+                boundary = created[at]
     write: list[Event] = []
     still_pending: list[Event] = []
     ended_now = False
-    for event, successor in zip(events, successors, strict=True):
+    replace = msgspec.structs.replace
+    for event, own, successor in zip(events, created, successors, strict=True):
         if ended_now or event.name != SCREEN_VIEW:
             write.append(event)
             ended_now = ended_now or event.name == SESSION_END
@@ -150,7 +156,7 @@ def settle(
             state.screen_views += 1
         elif successor is not None or end or drain:
             until = successor if successor is not None else state.last_activity_ms
-            write.append(_with_duration(event, until))
+            write.append(replace(event, duration=max(0, until - own)))
             state.screen_views += 1
         else:
             still_pending.append(event)
@@ -178,14 +184,14 @@ def inherit(event: Event, history: Sequence[ScreenViewMark]) -> Event:
         event,
         path=mark.path,
         origin=mark.origin,
-        properties={**event.properties, "__inherit_from": mark.id},
+        properties={**event.properties, "__inherit_from": str(mark.id)},
     )
 
 
 def remember(history: list[ScreenViewMark], screen_view: Event) -> None:
     """Add ``screen_view`` to ``history`` in order, keeping the latest ``MAX_HISTORY``."""
     mark = ScreenViewMark(
-        epoch_ms(screen_view.created_at), str(screen_view.id), screen_view.path, screen_view.origin
+        epoch_ms(screen_view.created_at), screen_view.id, screen_view.path, screen_view.origin
     )
     if any(existing.id == mark.id for existing in history[-8:]):
         return
@@ -194,19 +200,16 @@ def remember(history: list[ScreenViewMark], screen_view: Event) -> None:
 
 
 def _unique_sorted(events: Sequence[Event]) -> list[Event]:
-    seen: set[uuid.UUID] = set()
-    unique = []
-    for event in events:
-        if event.id not in seen:
-            seen.add(event.id)
-            unique.append(event)
-    unique.sort(key=lambda event: event.created_at)  # stable: ties keep arrival order
+    unique = list(events)
+    if len({event.id.int for event in unique}) < len(unique):
+        seen: set[int] = set()
+        unique = []
+        for event in events:
+            if event.id.int not in seen:
+                seen.add(event.id.int)
+                unique.append(event)
+    unique.sort(key=_CREATED)  # stable: ties keep arrival order
     return unique
-
-
-def _with_duration(screen_view: Event, until_ms: int) -> Event:
-    duration = max(0, until_ms - epoch_ms(screen_view.created_at))
-    return msgspec.structs.replace(screen_view, duration=duration)
 
 
 def _session_end(state: SessionState) -> Event:
