@@ -70,7 +70,7 @@ log = logging.getLogger("analytics_buffer.counters")
 
 T = TypeVar("T")
 
-_SLICE: Final = 5_000
+_SLICE: Final = 1_000
 """Events counted between two checkpoints."""
 _READ_ATTEMPTS: Final = 8
 
