@@ -344,12 +344,18 @@ def test_a_failed_fsync_stops_the_log_and_keeps_what_was_sealed(
 ) -> None:
     """After a failed fsync the page cache may have dropped the data: the log refuses
     every later event with the error instead of retrying as if nothing happened."""
-    outbox = make_outbox(tmp_path, segment_bytes=8192)
+    # The syncing thread must not sync first: then the failing fsync below has nothing to do.
+    outbox = make_outbox(tmp_path, segment_bytes=8192, fsync_interval=3600.0, fsync_batch=10**6)
     outbox.open()
     sealed = events(100)
     for event in sealed:
         outbox.append(event)
     outbox.seal()
+    # The full first segment is sealed by the syncing thread: wait for it, so
+    # that only the explicit fsync below meets the failing os.fsync.
+    deadline = time.monotonic() + 10
+    while len(stored(tmp_path)) < len(sealed) and time.monotonic() < deadline:
+        time.sleep(0.01)
     outbox.append(events(1, "unsynced")[0])
 
     def fail(fd: int) -> None:
