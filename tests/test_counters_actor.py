@@ -275,6 +275,24 @@ async def test_while_the_store_is_down_counts_wait_in_memory_and_reads_refuse(
         assert await buffer.active_visitors("p1") == 1  # u0: the others are dated hours ahead
 
 
+async def test_counts_held_while_the_store_is_down_are_rolled_up_at_shutdown(
+    tmp_path: Path, started_at: float
+) -> None:
+    store = CountingStore()
+    rollups = MemoryRollups()
+    async with make_buffer(tmp_path, rollups, store) as buffer:
+        store.down = True
+        buffer.track(at(0))
+        await just_after(started_at, TICK)
+        assert buffer.stats().counters_degraded
+        # Tracked after the failed apply: only these are known to be in no store.
+        for i in range(5):
+            buffer.track(at(i * 3600.0, profile=f"u{i}"))
+    assert store.applies == []
+    (counts,) = rollups.rollups.values()
+    assert sum(count for field, count in counts.items() if field[0] == "d") == 5
+
+
 async def test_bad_read_arguments_are_refused_with_a_clear_error(
     tmp_path: Path, started_at: float
 ) -> None:

@@ -207,10 +207,13 @@ class CounterActor(Actor):
             return  # the state outlives this instance; the next one carries on
         await self._tick(strict=False)
         state = self._state
-        if state.tally or state.inflight is not None:
-            # The store is unreachable: like buffered events, these die with the process.
+        if state.tally.hours or state.local is not None:
+            # The store is unreachable: the counters go straight into ClickHouse instead.
+            await self._rollup_local()
+        if state.tally.hours or state.local is not None or state.inflight is not None:
+            # The in-flight apply may have landed in the store: rolling it up could count twice.
             held = state.tally.keys_held() + (state.inflight.keys_held() if state.inflight else 0)
-            log.error("counter store unreachable at shutdown: %d counters and visitors lost", held)
+            log.error("counter store unreachable at shutdown: %d counters lost", held)
         if isinstance(self._store, MemoryCounterStore) and self._rollups is not None:
             # Its counters die with the process: roll up everything now.
             while await self._rollup():
