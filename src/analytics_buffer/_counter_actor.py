@@ -229,20 +229,21 @@ class CounterActor(Actor):
         """Count the events that arrived, a slice at a time."""
         state = self._state
         arrived = state.arrived  # the client's list: emptied, never replaced
-        batch = arrived.copy()
-        arrived.clear()
+        end = len(arrived)
         done = 0
         try:
-            while done < len(batch):
-                taken = batch[done : done + _SLICE]
+            while done < end:
+                # Sliced in place: a copy of a tick's worth of events would be one
+                # huge young list, which makes the next garbage-collector pass stall the loop.
+                taken = arrived[done : min(done + _SLICE, end)]
                 state.tally.add(taken)
                 done += len(taken)
                 self._counters.counted += len(taken)
-                if done < len(batch):
+                if done < end:
                     await anyio.lowlevel.checkpoint()
         finally:
             # Cancelled between slices: the rest waits for the next instance.
-            arrived[:0] = batch[done:]
+            del arrived[:done]
 
     async def _tick(self, *, strict: bool) -> None:
         """Count what arrived and apply it to the store.
