@@ -26,7 +26,6 @@ Usage: ``python benchmarks/counters.py [--events N] [--json] [--redis-url URL]``
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import sys
 import time
@@ -37,7 +36,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import redis.asyncio as redis
-from _report import print_result
+from _measure import benchmark_parser, progress, run
 
 from analytics_buffer import ChildSpec, Event, Settings, Supervisor
 from analytics_buffer._clock import WallClock
@@ -139,9 +138,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         events = make_events(args.events, args.projects, args.profiles)
         reference = make_events(args.reference_events, args.projects, args.profiles)
         gc.freeze()
-        print("... counter path", file=sys.stderr, flush=True)
+        progress("counter path")
         rate, live = await counted(url, events)
-        print("... one pipeline per event", file=sys.stderr, flush=True)
+        progress("one pipeline per event")
         baseline = await per_event_pipeline(url, reference)
     return {
         "events": args.events,
@@ -155,17 +154,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--projects", type=int, default=50)
     parser.add_argument("--profiles", type=int, default=20_000)
     parser.add_argument("--reference-events", type=int, default=5_000)
     parser.add_argument("--redis-url", default=None)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    result = asyncio.run(main_async(args))
-    print_result(result, as_json=args.json)
-    return 0
+    return run(parser, main_async)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Usage: ``python benchmarks/outbox.py [--events N] [--rounds N] [--json] [--click
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import statistics
 import sys
@@ -34,9 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
-from _report import print_result
-from throughput import clickhouse, make_events
+from _measure import benchmark_parser, clickhouse, progress, put_all, run, track_samples
+from throughput import make_events
 
 from analytics_buffer import AnalyticsBuffer, Durability, Event, Settings
 
@@ -45,10 +43,7 @@ async def pipeline(settings: Settings, events: list[Event]) -> tuple[float, floa
     """Return events/s, fsyncs/s while events arrive, the slowest fsync (ms), events written."""
     async with AnalyticsBuffer(settings) as buffer:
         started = time.perf_counter()
-        for start in range(0, len(events), 1000):
-            for event in events[start : start + 1000]:
-                await buffer.put(event)
-            await anyio.lowlevel.checkpoint()
+        await put_all(buffer, events)
         arriving = time.perf_counter() - started
         fsyncs = buffer.stats().outbox_fsyncs
         await buffer.flush()
@@ -57,24 +52,6 @@ async def pipeline(settings: Settings, events: list[Event]) -> tuple[float, floa
         outbox = buffer._outbox
         slowest = outbox.slowest_fsync * 1000 if outbox is not None else 0.0
     return len(events) / seconds, fsyncs / arriving, slowest, stats.written
-
-
-async def track_latency(settings: Settings, events: list[Event]) -> float:
-    """Median microseconds of one ``track`` call."""
-    samples: list[float] = []
-    clock = time.perf_counter_ns
-    async with AnalyticsBuffer(settings) as buffer:
-        track = buffer.track
-        for start in range(0, len(events), 1000):
-            for event in events[start : start + 1000]:
-                before = clock()
-                track(event)
-                samples.append((clock() - before) / 1000)
-            await anyio.lowlevel.checkpoint()
-            if buffer.stats().buffered > settings.max_buffered_events // 2:
-                await buffer.flush()
-        assert buffer.stats().dropped == 0, "the latency run must not hit the bound"
-    return statistics.median(samples)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,7 +68,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 events = make_events(args.events, f"bench-{mode}-{round_number}")
                 gc.collect()
                 gc.freeze()
-                print(f"... round {round_number + 1}: {mode}", file=sys.stderr, flush=True)
+                progress(f"round {round_number + 1}: {mode}")
                 data_dir = Path(scratch) / f"{mode}-{round_number}"
                 settings = base.replace(durability=mode, data_dir=str(data_dir))
                 rate, fsyncs, slowest, written = await pipeline(settings, events)
@@ -101,7 +78,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for mode in modes:
             events = make_events(args.latency_events, f"bench-latency-{mode}")
             settings = base.replace(durability=mode, data_dir=f"{scratch}/latency-{mode}")
-            latency[mode] = await track_latency(settings, events)
+            latency[mode] = statistics.median(await track_samples(settings, events))
 
     memory = max(rate for rate, _, _ in rounds["memory"])
     wal, fsyncs, slowest = max(rounds["wal"])
@@ -122,19 +99,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--latency-events", type=int, default=100_000)
     parser.add_argument("--clickhouse-url", default=None)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    result = asyncio.run(main_async(args))
-    if not result["every_event_written"]:
-        print("ERROR: a run did not write every event", file=sys.stderr)
-        return 1
-    print_result(result, as_json=args.json)
-    return 0
+
+    def failure(args: argparse.Namespace, result: dict[str, Any]) -> str | None:
+        return None if result["every_event_written"] else "a run did not write every event"
+
+    return run(parser, main_async, failure)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ Usage: ``python benchmarks/sessions.py [--events N] [--json]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import sys
 import time
@@ -36,12 +35,9 @@ from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import anyio
-import anyio.lowlevel
 import msgspec
 import redis.asyncio as redis
-from _report import print_result
-from asynch import Connection
+from _measure import benchmark_parser, count_rows, progress, put_all, run
 
 from analytics_buffer import AnalyticsBuffer, Event, Settings
 from analytics_buffer.testing import ClickHouseServer, RedisServer
@@ -76,21 +72,11 @@ def session_events(count: int, project: str, sessions: int) -> list[Event]:
     return events
 
 
-async def count_rows(url: str, sql: str) -> int:
-    async with Connection(dsn=url) as conn, conn.cursor() as cursor:
-        await cursor.execute(sql)
-        rows = await cursor.fetchall()
-        return int(rows[0][0])
-
-
 async def pipeline(settings: Settings, events: list[Event], table: str) -> float:
     project = events[0].project_id
     started = time.perf_counter()
     async with AnalyticsBuffer(settings) as buffer:
-        for start in range(0, len(events), 1000):
-            for event in events[start : start + 1000]:
-                await buffer.put(event)
-            await anyio.lowlevel.checkpoint()
+        await put_all(buffer, events)
         await buffer.flush()
     seconds = time.perf_counter() - started
     assert settings.clickhouse_url is not None
@@ -143,9 +129,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         events = session_events(args.events, "bench-sessions", args.sessions)
         reference = session_events(args.reference_events, "bench-reference", 100)
         gc.freeze()
-        print("... pipeline", file=sys.stderr, flush=True)
+        progress("pipeline")
         rate = await pipeline(settings, events, table)
-        print("... one MULTI per event", file=sys.stderr, flush=True)
+        progress("one MULTI per event")
         baseline = await per_event_multi(redis_url, reference)
     return {
         "events": args.events,
@@ -157,18 +143,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--reference-events", type=int, default=5_000)
     parser.add_argument("--clickhouse-url", default=None)
     parser.add_argument("--redis-url", default=None)
     parser.add_argument("--data-dir", default="analytics-buffer-data/bench")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    result = asyncio.run(main_async(args))
-    print_result(result, as_json=args.json)
-    return 0
+    return run(parser, main_async)
 
 
 if __name__ == "__main__":

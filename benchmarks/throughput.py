@@ -38,22 +38,26 @@ Usage: ``python benchmarks/throughput.py [--events N] [--json] [--clickhouse-url
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
-from _report import print_result
+from _measure import (
+    benchmark_parser,
+    clickhouse,
+    count_rows,
+    progress,
+    put_all,
+    run,
+    track_samples,
+)
 from asynch import Connection
 
 from analytics_buffer import AnalyticsBuffer, Event, Settings
-from analytics_buffer.testing import ClickHouseServer
 
 COLUMNS = (
     "id, name, project_id, profile_id, session_id, created_at, created_at_ms, "
@@ -130,13 +134,6 @@ async def per_event_insert(url: str, table: str, rows: list[tuple[Any, ...]]) ->
         return len(rows) / (time.perf_counter() - started)
 
 
-async def count_rows(url: str, sql: str) -> int:
-    async with Connection(dsn=url) as conn, conn.cursor() as cursor:
-        await cursor.execute(sql)
-        rows = await cursor.fetchall()
-        return int(rows[0][0])
-
-
 class LoopLag:
     """Asks to wake every millisecond; keeps the latest wake-up, measured against the
     time asked for (so a stall counts in full, however the sleep rounds), and the
@@ -163,11 +160,7 @@ async def pipeline(settings: Settings, events: list[Event]) -> tuple[float, Loop
         tg.start_soon(lag.watch)
         async with AnalyticsBuffer(settings) as buffer:
             started = time.perf_counter()
-            for start in range(0, len(events), 1000):
-                for event in events[start : start + 1000]:
-                    await buffer.put(event)
-                # A service yields between requests; so does this producer.
-                await anyio.lowlevel.checkpoint()
+            await put_all(buffer, events)
             await buffer.flush()
             seconds = time.perf_counter() - started
         written = buffer.stats().written
@@ -175,40 +168,13 @@ async def pipeline(settings: Settings, events: list[Event]) -> tuple[float, Loop
     return len(events) / seconds, lag, written
 
 
-async def track_latency(settings: Settings, events: list[Event]) -> list[float]:
-    """Time each ``track`` call alone; yield every 1,000 so the writer drains."""
-    samples: list[float] = []
-    clock = time.perf_counter_ns
-    async with AnalyticsBuffer(settings) as buffer:
-        track = buffer.track
-        for start in range(0, len(events), 1000):
-            for event in events[start : start + 1000]:
-                before = clock()
-                track(event)
-                samples.append((clock() - before) / 1000)
-            await anyio.lowlevel.checkpoint()
-            if buffer.stats().buffered > settings.max_buffered_events // 2:
-                await buffer.flush()
-        assert buffer.stats().dropped == 0, "the latency run must not hit the bound"
-    return samples
-
-
-@contextmanager
-def clickhouse(url: str | None) -> Iterator[str]:
-    if url is not None:
-        yield url
-        return
-    with ClickHouseServer() as server:
-        yield server.url
-
-
-async def main_async(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, Any]:
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with clickhouse(args.clickhouse_url) as url:
         settings = Settings(clickhouse_url=url, data_dir=args.data_dir, table="bench_events")
         # Let the buffer create the table, so every measurement uses the same one.
         async with AnalyticsBuffer(settings):
             pass
-        report(f"building {args.events} events")
+        progress(f"building {args.events} events")
         events = make_events(args.events, "bench-pipeline")
         raw_rows = [as_row(event) for event in make_events(args.events, "bench-raw")]
         single_rows = [as_row(event) for event in make_events(args.single, "bench-single")]
@@ -216,19 +182,19 @@ async def main_async(args: argparse.Namespace, report: Callable[[str], None]) ->
         gc.collect()
         gc.freeze()
 
-        report("raw asynch bulk insert")
+        progress("raw asynch bulk insert")
         raw = await raw_insert(url, settings.table, raw_rows)
-        report("raw asynch bulk insert, columnar")
+        progress("raw asynch bulk insert, columnar")
         raw_columnar = await raw_columnar_insert(url, settings.table, raw_rows)
-        report("pipeline")
+        progress("pipeline")
         pipeline_rate, lag, written = await pipeline(settings, events)
         counted = await count_rows(
             url, f"SELECT count() FROM {settings.table} WHERE project_id = 'bench-pipeline'"
         )
-        report("one INSERT per event")
+        progress("one INSERT per event")
         single = await per_event_insert(url, settings.table, single_rows)
-        report("track latency")
-        samples = await track_latency(settings, latency_events)
+        progress("track latency")
+        samples = await track_samples(settings, latency_events)
 
     quantiles = statistics.quantiles(samples, n=100)
     return {
@@ -248,24 +214,19 @@ async def main_async(args: argparse.Namespace, report: Callable[[str], None]) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--events", type=int, default=400_000)
     parser.add_argument("--single", type=int, default=300, help="events for one-INSERT-per-event")
     parser.add_argument("--latency-events", type=int, default=200_000)
     parser.add_argument("--clickhouse-url", default=None)
     parser.add_argument("--data-dir", default="analytics-buffer-data/bench")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
 
-    def report(step: str) -> None:
-        print(f"... {step}", file=sys.stderr, flush=True)
+    def failure(args: argparse.Namespace, result: dict[str, Any]) -> str | None:
+        if result["pipeline_written_counted_back"] != args.events:
+            return "the pipeline did not write every event"
+        return None
 
-    result = asyncio.run(main_async(args, report))
-    if result["pipeline_written_counted_back"] != args.events:
-        print("ERROR: the pipeline did not write every event", file=sys.stderr)
-        return 1
-    print_result(result, as_json=args.json)
-    return 0
+    return run(parser, main_async, failure)
 
 
 if __name__ == "__main__":

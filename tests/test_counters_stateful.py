@@ -45,6 +45,7 @@ from analytics_buffer._counter_store import Snapshot, Staged
 from analytics_buffer._redis_counters import RedisCounterStore
 from analytics_buffer._rollup import SinkRollups
 from analytics_buffer.testing import ClickHouseServer, RedisServer
+from virtual_time import hold_open
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -150,14 +151,7 @@ class CountersMachine(RuleBasedStateMachine):
         buffer = self.buffer = AnalyticsBuffer(
             self.settings, counter_store=self.store, rollups=self.rollups
         )
-
-        async def lifetime(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            self._stop = anyio.Event()
-            async with buffer:
-                task_status.started()
-                await self._stop.wait()
-
-        self._lifetime, _ = self.portal.start_task(lifetime)
+        self._lifetime, self._stop = self.portal.start_task(hold_open, buffer)
 
     def stop(self) -> None:
         assert self._stop is not None

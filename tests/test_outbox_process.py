@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import itertools
 import signal
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,13 +22,14 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from analytics_buffer import AnalyticsBuffer, Durability, Event, Settings
 from analytics_buffer._deadletter import DeadLetters
-from analytics_buffer._outbox import Outbox, directory_figures
+from analytics_buffer._outbox import directory_figures
 from analytics_buffer._segments import read_quarantine, scan
 from analytics_buffer.testing import ClickHouseServer
+from child_process import child_output, start_until_loaded
+from test_outbox_cli import spill
 from test_shutdown_process import outbox_ids, query
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
@@ -97,39 +96,16 @@ async def start_child(
     loaded_at: int,
     batch: int = 2_000,
 ) -> Process:
-    stderr = (tmp_path / "child.stderr").open("ab")
-    process = await anyio.open_process(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            url,
-            str(tmp_path / "data"),
-            str(tmp_path / "ids"),
-            durability,
-            str(flush_interval),
-            str(batch),
-            str(loaded_at),
-        ],
-        stdin=subprocess.DEVNULL,
-        stderr=stderr,
-    )
-    stderr.close()
-    assert process.stdout is not None
-    try:
-        with anyio.fail_after(60):
-            line = await BufferedByteReceiveStream(process.stdout).receive_until(b"\n", 100)
-    except BaseException:
-        process.kill()
-        await process.wait()
-        raise
-    assert line == b"loaded", child_output(tmp_path)
-    return process
-
-
-def child_output(tmp_path: Path) -> str:
-    path = tmp_path / "child.stderr"
-    return path.read_text(errors="replace")[-3_000:] if path.exists() else ""
+    args = [
+        url,
+        str(tmp_path / "data"),
+        str(tmp_path / "ids"),
+        durability,
+        str(flush_interval),
+        str(batch),
+        str(loaded_at),
+    ]
+    return await start_until_loaded(CHILD, args, tmp_path, timeout=60)
 
 
 async def kill(process: Process) -> None:
@@ -321,20 +297,9 @@ async def test_a_corrupt_spilled_segment_replays_the_good_records_and_quarantine
 ) -> None:
     batch = [Event(name="c", project_id="p1", properties={"n": i}) for i in range(50)]
     directory = tmp_path / "data" / "outbox"
-    outbox = Outbox(
-        directory,
-        wal=False,
-        max_bytes=1 << 30,
-        segment_bytes=1 << 20,
-        segment_age=10.0,
-        fsync_interval=0.1,
-        fsync_batch=100,
-    )
-    outbox.open()
-    flipped = outbox.spill(batch).path
+    flipped = spill(tmp_path / "data", batch)
     others = [Event(name="t", project_id="p1", properties={"n": i}) for i in range(5)]
-    truncated = outbox.spill(others).path
-    outbox.close()
+    truncated = spill(tmp_path / "data", others)
     data = bytearray(flipped.read_bytes())
     offsets = [offset for offset, _ in scan(bytes(data)).frames]
     data[offsets[7] + 20] ^= 0xFF

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,12 +21,12 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import Process
-from anyio.streams.buffered import BufferedByteReceiveStream
 from asynch import Connection
 
 from analytics_buffer._deadletter import DeadLetters
 from analytics_buffer._segments import decode_payload, scan
 from analytics_buffer.testing import ClickHouseServer
+from child_process import child_output, start_until_loaded
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -93,31 +91,8 @@ async def run_child_until_loaded(
 ) -> tuple[Process, Path]:
     """Start the child and return once it has accepted ``loaded_at`` events."""
     out = tmp_path / "accepted.json"
-    stderr = (tmp_path / "child.stderr").open("wb")
-    process = await anyio.open_process(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            url,
-            str(tmp_path / "data"),
-            str(out),
-            str(SHUTDOWN_TIMEOUT),
-            str(loaded_at),
-        ],
-        stdin=subprocess.DEVNULL,
-        stderr=stderr,
-    )
-    stderr.close()
-    assert process.stdout is not None
-    try:
-        with anyio.fail_after(30):
-            line = await BufferedByteReceiveStream(process.stdout).receive_until(b"\n", 100)
-    except BaseException:
-        process.kill()
-        await process.wait()
-        raise
-    assert line == b"loaded", child_output(tmp_path)
+    args = [url, str(tmp_path / "data"), str(out), str(SHUTDOWN_TIMEOUT), str(loaded_at)]
+    process = await start_until_loaded(CHILD, args, tmp_path, timeout=30)
     return process, out
 
 
@@ -138,11 +113,6 @@ async def terminate_and_wait(process: Process, tmp_path: Path) -> float:
     assert process.returncode == 0, child_output(tmp_path)
     assert "Traceback" not in child_output(tmp_path)
     return anyio.current_time() - started
-
-
-def child_output(tmp_path: Path) -> str:
-    path = tmp_path / "child.stderr"
-    return path.read_text(errors="replace")[-3_000:] if path.exists() else ""
 
 
 def dead_lettered_ids(tmp_path: Path) -> list[uuid.UUID]:

@@ -45,6 +45,19 @@ async def settle() -> None:
         await wait_all_tasks_blocked(cushion=0.001)
 
 
+async def hold_open(
+    buffer: AnalyticsBuffer, *, task_status: anyio.abc.TaskStatus[anyio.Event]
+) -> None:
+    """Enter ``buffer`` and keep it open until the event handed to ``task_status`` is set.
+
+    Run with ``portal.start_task``: it returns once the buffer is entered.
+    """
+    stop = anyio.Event()
+    async with buffer:
+        task_status.started(stop)
+        await stop.wait()
+
+
 class VirtualTimeMachine(RuleBasedStateMachine):
     """A state machine whose buffer lives in a trio portal on a virtual clock."""
 
@@ -120,14 +133,7 @@ class VirtualTimeMachine(RuleBasedStateMachine):
 
     def start_buffer(self, buffer: AnalyticsBuffer) -> None:
         """Enter ``buffer`` in the portal; it runs until :meth:`stop_buffer`."""
-
-        async def lifetime(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-            self._stop = anyio.Event()
-            async with buffer:
-                task_status.started()
-                await self._stop.wait()
-
-        self._lifetime, _ = self.portal.start_task(lifetime)
+        self._lifetime, self._stop = self.portal.start_task(hold_open, buffer)
         self.run(settle)
 
     @property

@@ -38,7 +38,7 @@ import anyio
 
 from ._counter_store import Staged
 from ._counters import Bucket, field_of, parse_field
-from ._schema import DEDUPLICATION_WINDOW, Capabilities
+from ._schema import Capabilities, replacing_table_ddl
 
 __all__ = (
     "ROLLUP_CHUNK_ROWS",
@@ -74,18 +74,13 @@ def counters_ddl(table: str, caps: Capabilities) -> str:
         "`count` UInt64",
         "`rollup_id` String",
     ]
-    lines = [
-        f"CREATE TABLE IF NOT EXISTS `{table}`",
-        "(",
-        ",\n".join(f"    {column}" for column in columns),
-        ")",
-        "ENGINE = ReplacingMergeTree()",
-        "PARTITION BY toYYYYMM(start)",
-        "ORDER BY (project_id, name, period, start, rollup_id)",
-    ]
-    if caps.has_non_replicated_dedup_window:
-        lines.append(f"SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}")
-    return "\n".join(lines)
+    return replacing_table_ddl(
+        table,
+        columns,
+        partition_by="toYYYYMM(start)",
+        order_by="project_id, name, period, start, rollup_id",
+        caps=caps,
+    )
 
 
 @runtime_checkable

@@ -143,14 +143,27 @@ def events_ddl(table: str, caps: Capabilities) -> str:
         "`duration` UInt32",
         f"`properties` {properties}",
     ]
+    return replacing_table_ddl(
+        table, columns, partition_by="toYYYYMM(created_at)", order_by=sort_key, caps=caps
+    )
+
+
+def replacing_table_ddl(
+    table: str, columns: list[str], *, partition_by: str, order_by: str, caps: Capabilities
+) -> str:
+    """Return ``CREATE TABLE IF NOT EXISTS`` of a ``ReplacingMergeTree`` table.
+
+    Where the server has it, inserts are deduplicated over the last
+    ``DEDUPLICATION_WINDOW`` blocks even without replication.
+    """
     lines = [
         f"CREATE TABLE IF NOT EXISTS `{table}`",
         "(",
         ",\n".join(f"    {column}" for column in columns),
         ")",
         "ENGINE = ReplacingMergeTree()",
-        "PARTITION BY toYYYYMM(created_at)",
-        f"ORDER BY ({sort_key})",
+        f"PARTITION BY {partition_by}",
+        f"ORDER BY ({order_by})",
     ]
     if caps.has_non_replicated_dedup_window:
         lines.append(f"SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW}")
