@@ -188,6 +188,19 @@ async def test_a_stuck_child_is_cancelled_at_its_shutdown_deadline() -> None:
     assert log[-1] == "terminate recorder NoneType held=['kept']"
 
 
+async def test_only_casts_left_at_a_stop_are_reported_as_unhandled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log: list[str] = []
+    async with Supervisor([ChildSpec("a", lambda: Recorder(log), shutdown=3.0)]) as sup:
+        sup.ref("a").cast("hang")
+        sup.ref("a").cast("never taken")
+        sup.ref("a").info("a timer that fired")
+    assert [r.getMessage() for r in caplog.records if "unhandled" in r.getMessage()] == [
+        "a stopped with 1 unhandled messages"
+    ]
+
+
 async def test_init_failure_reaches_the_caller() -> None:
     class BadInit(Actor):
         async def init(self) -> None:

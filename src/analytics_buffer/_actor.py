@@ -332,14 +332,21 @@ async def request_stop(ref: ActorRef) -> None:
     await ref.mailbox.send(_STOP)
 
 
-def fail_pending_calls(messages: list[object], error: Exception) -> list[object]:
-    """Fail the calls among ``messages`` with ``error``; return the other messages."""
+def fail_pending_calls(
+    messages: list[object], error: Exception, *, keep_infos: bool = True
+) -> list[object]:
+    """Fail the calls among ``messages`` with ``error``; return the other messages.
+
+    :param keep_infos: whether info messages (timers, notifications) are
+        returned too; without them, what is returned is the casts
+    """
     rest: list[object] = []
     for message in messages:
         if isinstance(message, _Call):
             message.reply.fail(error)
         elif isinstance(message, _Info):
-            rest.append(message.message)
+            if keep_infos:
+                rest.append(message.message)
         elif message is not _STOP:
             rest.append(message)
     return rest

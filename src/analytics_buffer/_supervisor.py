@@ -197,8 +197,11 @@ class Supervisor:
 
     def _release_mailboxes(self) -> None:
         for child in self._children:
+            # A timer that fired during the stop carries nothing to lose: only casts count.
             left = fail_pending_calls(
-                child.ref.mailbox.drain_nowait(), ActorDeadError(f"{child.spec.id} has stopped")
+                child.ref.mailbox.drain_nowait(),
+                ActorDeadError(f"{child.spec.id} has stopped"),
+                keep_infos=False,
             )
             if left:
                 log.error("%s stopped with %d unhandled messages", child.spec.id, len(left))
