@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "overflow": "drop_newest",
     "put_timeout": 5.0,
     "shutdown_timeout": 10.0,
-    "insert_chunk_rows": 10_000,
+    "insert_chunk_rows": 20_000,
     "insert_block_rows": 500,
     "pool_size": 2,
     "connect_timeout": 5.0,

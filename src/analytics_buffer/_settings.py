@@ -60,10 +60,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_timeout: float = 10.0
     """Bound on the best-effort flush when the buffer stops."""
 
-    insert_chunk_rows: int = 10_000
+    insert_chunk_rows: int = 20_000
     """Rows per INSERT, the unit that is retried, deduplicated and
     dead-lettered; each INSERT makes one part on the server, so small ones
-    cost it dearly."""
+    cost it dearly (the default sends a full batch as one INSERT)."""
     insert_block_rows: int = 500
     """Rows serialised at a time within an INSERT; the writer yields to the
     event loop between blocks, so a smaller block means a shorter stall."""
