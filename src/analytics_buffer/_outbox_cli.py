@@ -28,7 +28,7 @@ import msgspec
 from ._deadletter import DeadLetters
 from ._exceptions import OutboxError, PermanentSinkError, TransientSinkError
 from ._outbox import Outbox, directory_figures
-from ._replay import REPLAY_BYTES_PER_ROW
+from ._replay import REPLAY_CHUNK_BYTES
 from ._segments import decode_payload, read_quarantine, scan
 from ._settings import Settings
 
@@ -145,8 +145,7 @@ async def _replay(settings: Settings, directory: Path) -> int:
     try:
         await sink.open()
         for segment in segments:
-            chunk_bytes = settings.insert_chunk_rows * REPLAY_BYTES_PER_ROW
-            chunks = await anyio.to_thread.run_sync(outbox.load, segment, chunk_bytes)
+            chunks = await anyio.to_thread.run_sync(outbox.load, segment, REPLAY_CHUNK_BYTES)
             for index, chunk in chunks:
                 token = f"{segment.token}:{index}"
                 try:

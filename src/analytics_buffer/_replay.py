@@ -3,9 +3,10 @@
 One chunk per step: a step takes the oldest waiting segment (read in a
 worker thread, bad records quarantined), inserts its next chunk, and queues
 the next step. A chunk is the records starting in one range of
-``insert_chunk_rows * 256`` bytes of the file (about ``insert_chunk_rows``
-typical events): chunk ``i`` of segment ``S`` always carries the token
-``outbox-<S>:<i>`` (a sealed segment's bytes never move; a record found bad
+``REPLAY_CHUNK_BYTES`` (4 MiB, about 16k typical events) of the file: chunk
+``i`` of segment ``S`` always carries the token ``outbox-<S>:<i>`` (a sealed
+segment's bytes never move, and the range is fixed rather than a setting,
+so a restart with other settings cuts the same chunks; a record found bad
 only leaves its chunk smaller), on every attempt and after a restart, so a chunk
 that reached ClickHouse just before a failure or a crash is deduplicated
 by servers with ``insert_deduplication_token`` (22.2+); older servers
@@ -47,7 +48,7 @@ from ._settings import Settings
 from ._sink import Sink
 from ._stats import Counters
 
-__all__ = ("REPLAY_NOW", "SEGMENT_READY", "Replayer")
+__all__ = ("REPLAY_CHUNK_BYTES", "REPLAY_NOW", "SEGMENT_READY", "Replayer")
 
 log = logging.getLogger("analytics_buffer.replay")
 
@@ -70,8 +71,9 @@ class _SegmentReady:
         return "SEGMENT_READY"
 
 
-REPLAY_BYTES_PER_ROW: Final = 256
-"""Bytes of segment per row of ``insert_chunk_rows`` in a replayed chunk."""
+REPLAY_CHUNK_BYTES: Final = 4 * 1024 * 1024
+"""Bytes of a segment whose records make one replayed chunk; a constant, not a
+setting: a chunk's token must name the same records in every run."""
 _STEP: Final = _Step()
 SEGMENT_READY: Final = _SegmentReady()
 """Info: a segment was spilled; look for it now rather than at the next poll."""
@@ -103,7 +105,6 @@ class Replayer(Actor):
         self._backoff = self._first_backoff
         self._segment: Segment | None = None
         self._chunks: list[tuple[int, list[Event]]] = []
-        self._chunk_bytes = settings.insert_chunk_rows * REPLAY_BYTES_PER_ROW
         self._chunk = 0
         self._timer: Timer | None = None
         self._waiting: list[Reply[Any]] = []
@@ -152,7 +153,7 @@ class Replayer(Actor):
                 return
             self._segment = waiting[0]
             self._chunks = await anyio.to_thread.run_sync(
-                outbox.load, self._segment, self._chunk_bytes
+                outbox.load, self._segment, REPLAY_CHUNK_BYTES
             )
             self._chunk = 0
         segment = self._segment
