@@ -22,6 +22,7 @@ from analytics_buffer._segments import (
     read_quarantine,
     scan,
 )
+from analytics_buffer.testing import free_port
 from memory_sink import MemorySink
 
 
@@ -382,3 +383,18 @@ def test_an_unusable_directory_fails_wal_but_not_memory(tmp_path: Path) -> None:
     with pytest.raises(OutboxError):
         memory.spill(events(1))
     memory.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_wal_events_dead_lettered_outside_the_writer_leave_the_log(tmp_path: Path) -> None:
+    """Session events the session store could not take at shutdown are dead-lettered:
+    they leave the log too, so the next start does not replay them as well."""
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    settings = Settings(data_dir=str(tmp_path), durability="wal", redis_url=unreachable)
+    async with AnalyticsBuffer(settings, sink=MemorySink()) as buffer:
+        assert buffer.track(Event(name="screen_view", project_id="p1", session_id="s1"))
+    assert buffer.stats().dead_lettered == 1
+    next_run = make_outbox(tmp_path / "outbox")
+    assert next_run.open() == []
+    next_run.close()

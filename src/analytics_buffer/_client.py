@@ -148,6 +148,8 @@ class AnalyticsBuffer:
             raise
         self._outbox = outbox
         self._wal = outbox if outbox.wal else None
+        # Dead-lettered from anywhere (writer, buffer, sessions): out of the log, not replayed.
+        dead_letters.on_written = outbox.settle
 
         def spilled() -> None:
             if outbox.owner:

@@ -11,7 +11,7 @@ objects decode back into :class:`~analytics_buffer.Event`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final, final
 
@@ -41,13 +41,36 @@ class DeadLetters:
 
     :param directory: the ``dead-letter`` folder (created on first use)
     :param table: names the file
+    :param on_written: called on the event loop's thread with the events once
+        they are in the file, wherever they were dead-lettered from (the
+        outbox's log drops them then, so they are not also replayed)
     """
 
-    def __init__(self, directory: Path, table: str) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        table: str,
+        *,
+        on_written: Callable[[Sequence[Event]], None] | None = None,
+    ) -> None:
         self.path = directory / f"{table}.ndjson"
+        self.on_written = on_written
 
     def write_now(self, events: Sequence[Event], *, reason: str, code: int, token: str) -> None:
         """Append ``events`` synchronously (for shutdown paths that cannot wait)."""
+        self._append(events, reason=reason, code=code, token=token)
+        if self.on_written is not None:
+            self.on_written(events)
+
+    async def write(self, events: Sequence[Event], *, reason: str, code: int, token: str) -> None:
+        """Append ``events`` from a worker thread, so the event loop does not stall."""
+        await anyio.to_thread.run_sync(
+            lambda: self._append(events, reason=reason, code=code, token=token)
+        )
+        if self.on_written is not None:
+            self.on_written(events)
+
+    def _append(self, events: Sequence[Event], *, reason: str, code: int, token: str) -> None:
         lines = b"".join(
             _encoder.encode(DeadLetter(reason=reason, code=code, token=token, event=event)) + b"\n"
             for event in events
@@ -56,12 +79,6 @@ class DeadLetters:
         with self.path.open("ab") as file:
             file.write(lines)
             file.flush()
-
-    async def write(self, events: Sequence[Event], *, reason: str, code: int, token: str) -> None:
-        """Append ``events`` from a worker thread, so the event loop does not stall."""
-        await anyio.to_thread.run_sync(
-            lambda: self.write_now(events, reason=reason, code=code, token=token)
-        )
 
     def read(self) -> list[DeadLetter]:
         """Return every dead letter in the file (empty when there is none)."""
