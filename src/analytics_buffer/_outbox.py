@@ -304,7 +304,6 @@ class Outbox:
         """Mark ``events`` written, dead-lettered or spilled; delete log segments now settled."""
         if not self._pending:
             return
-        done: list[_Active] = []
         with self._lock:
             pop = self._pending.pop
             for event in events:
@@ -312,11 +311,7 @@ class Outbox:
                 if segment is not None:
                     segment.outstanding -= 1
                     if segment.outstanding == 0 and segment.sealed:
-                        done.append(segment)
-            for segment in done:
-                self._live.pop(segment.name, None)
-        for segment in done:
-            self._remove_file(segment.path.with_suffix(".seg"))
+                        self._retire(segment)
 
     def _rotate(self, needed: int) -> _Active:
         """Seal the active segment and make the spare (or a new one) active; under the lock."""
@@ -424,11 +419,8 @@ class Outbox:
             sync_directory(self.directory)
             with self._lock:
                 segment.sealed = True
-                finished = segment.outstanding == 0
-                if finished:
-                    self._live.pop(segment.name, None)
-            if finished:
-                self._remove_file(sealed)
+                if segment.outstanding == 0:
+                    self._retire(segment)
 
     # -- spill and replay (worker threads) -------------------------------------------
 
@@ -567,6 +559,15 @@ class Outbox:
             file.flush()
             os.fsync(file.fileno())
         os.rename(path, path.with_suffix(".seg"))
+
+    def _retire(self, segment: _Active) -> None:
+        """Delete a settled log segment; under the lock.
+
+        The file goes before the name leaves ``_live``: :meth:`replayable`
+        skips live names, so it never sees a settled segment as one to replay.
+        """
+        self._remove_file(segment.path.with_suffix(".seg"))
+        self._live.pop(segment.name, None)
 
     def _remove_file(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
