@@ -277,14 +277,17 @@ class AnalyticsBuffer:
             return await self._supervisor.__aexit__(exc_type, exc, traceback)
         finally:
             with anyio.CancelScope(shield=True):
-                if self._outbox is not None:
-                    # After the writer: what it spilled or settled is on disk by now.
-                    await anyio.to_thread.run_sync(self._outbox.close)
-                await self._sink.aclose()
-                if self._session_store is not None:
-                    await self._session_store.aclose()
-                if self._counter_store is not None:
-                    await self._counter_store.aclose()
+                try:
+                    if self._outbox is not None:
+                        # After the writer: what it spilled or settled is on disk by now.
+                        await anyio.to_thread.run_sync(self._outbox.close)
+                finally:
+                    # A failing outbox (a failed fsync) still lets the connections close.
+                    await self._sink.aclose()
+                    if self._session_store is not None:
+                        await self._session_store.aclose()
+                    if self._counter_store is not None:
+                        await self._counter_store.aclose()
 
     def __del__(self) -> None:
         if self._running:
