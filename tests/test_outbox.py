@@ -398,3 +398,22 @@ async def test_wal_events_dead_lettered_outside_the_writer_leave_the_log(tmp_pat
     next_run = make_outbox(tmp_path / "outbox")
     assert next_run.open() == []
     next_run.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_wal_session_events_held_by_redis_leave_the_log(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A screen view waiting in Redis for its successor is Redis's to keep: the next
+    start must not replay it from the log (raw, without its duration)."""
+    settings = Settings(
+        data_dir=str(tmp_path), durability="wal", redis_url=redis_url, redis_prefix="wal-held"
+    )
+    async with AnalyticsBuffer(settings, sink=MemorySink()) as buffer:
+        assert buffer.track(Event(name="screen_view", project_id="p1", session_id="s1"))
+        await buffer.flush()
+        assert buffer.stats().sessions_waiting == 0
+    next_run = make_outbox(tmp_path / "outbox")
+    assert next_run.open() == []
+    next_run.close()

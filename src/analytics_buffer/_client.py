@@ -202,6 +202,8 @@ class AnalyticsBuffer:
                 dead_letters=dead_letters,
                 wall_clock=wall_clock,
                 arrived=self._session_arrivals,
+                # Redis keeps what it took; this process's memory does not outlive a crash.
+                on_stored=None if isinstance(store, MemorySessionStore) else outbox.settle,
             )
 
         def make_counters() -> CounterActor:

@@ -89,7 +89,11 @@ _CYCLE: Final = _Cycle()
 
 @final
 class SessionActor(Actor):
-    """Feeds the session store and writes what settled sessions produce."""
+    """Feeds the session store and writes what settled sessions produce.
+
+    :param on_stored: called with the session events a durable store (Redis)
+        has taken: the outbox's log lets go of them, the store keeps them
+    """
 
     def __init__(
         self,
@@ -104,6 +108,7 @@ class SessionActor(Actor):
         dead_letters: DeadLetters,
         wall_clock: Callable[[], float],
         arrived: list[tuple[Event, int]],
+        on_stored: Callable[[list[Event]], None] | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -114,6 +119,7 @@ class SessionActor(Actor):
         self._capacity = capacity
         self._dead_letters = dead_letters
         self._wall_clock = wall_clock
+        self._on_stored = on_stored
         # Owned by the client, so events that arrived survive a restart of this actor.
         self._arrived = arrived
         self._timer: Timer | None = None
@@ -189,6 +195,8 @@ class SessionActor(Actor):
             self._counters.sessions_waiting -= len(arrived)
             held = [(event, size) for event, size in arrived if is_session_event(event)]
             self._capacity.give_back(len(held), sum(size for _, size in held))
+            if self._on_stored is not None:
+                self._on_stored([event for event, _ in held])
             regular += [(event, size) for event, size in arrived if not is_session_event(event)]
             # Big bursts must not stall the event loop.
             await anyio.lowlevel.checkpoint()
