@@ -141,13 +141,6 @@ class _Active:
         self.sealed = False
         """Renamed to ``.seg``: from then on, its last settled event deletes it."""
 
-    def discard(self) -> None:
-        """Close and delete a segment that never took a record."""
-        self.map.close()
-        os.close(self.fd)
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-
 
 @final
 class Outbox:
@@ -268,7 +261,10 @@ class Outbox:
                 self._sealing.append(active)
         self._seal_pending()
         if spare is not None:
-            spare.discard()
+            spare.map.close()
+            os.close(spare.fd)
+            with contextlib.suppress(OSError):
+                spare.path.unlink()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -338,7 +334,7 @@ class Outbox:
         return active
 
     def _new_segment(self, *, refusing: bool = True) -> _Active:
-        """Create and preallocate a log segment within the cap.
+        """Create and preallocate a log segment within the cap; under the lock.
 
         :param refusing: count a failure as a refused event
         """
@@ -400,16 +396,9 @@ class Outbox:
         with self._lock:
             if self._spare is not None or self._stopping or self._failure is not None:
                 return
-        # Made outside the lock: append must not wait for a preallocation.
-        try:
-            spare = self._new_segment(refusing=False)
-        except OutboxError:
-            return  # no room for a spare is no error yet: append meets it when it needs one
-        with self._lock:
-            if self._spare is None and not self._stopping:
-                self._spare = spare
-                return
-        spare.discard()
+            # No room for a spare is no error yet: append meets it when it needs one.
+            with contextlib.suppress(OutboxError):
+                self._spare = self._new_segment(refusing=False)
 
     def _seal_pending(self) -> None:
         """Fsync, cut and rename the segments taken out of service."""
