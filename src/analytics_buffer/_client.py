@@ -130,15 +130,7 @@ class AnalyticsBuffer:
         prefix = new_event_id().hex[:16]
         tokens = (f"{prefix}-{seq}" for seq in itertools.count())
         # --- durable outbox: what the last run left is recovered before anything is accepted.
-        outbox = Outbox(
-            Path(settings.data_dir) / "outbox",
-            wal=settings.durability == "wal",
-            max_bytes=settings.outbox_max_bytes,
-            segment_bytes=settings.outbox_segment_bytes,
-            segment_age=settings.outbox_segment_age,
-            fsync_interval=settings.fsync_interval,
-            fsync_batch=settings.fsync_batch,
-        )
+        outbox = Outbox.for_settings(settings, wal=settings.durability == "wal")
         try:
             await anyio.to_thread.run_sync(outbox.open)
         except OutboxError:

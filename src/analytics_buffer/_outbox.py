@@ -72,6 +72,7 @@ from ._segments import (
     segment_created_at,
     sync_directory,
 )
+from ._settings import Settings
 
 __all__ = ("Outbox", "OutboxFigures", "Segment")
 
@@ -198,6 +199,19 @@ class Outbox:
         self._thread: threading.Thread | None = None
         self.replay_ready: threading.Event = threading.Event()
         """Set when a segment was spilled (the replay worker may be idle)."""
+
+    @classmethod
+    def for_settings(cls, settings: Settings, *, wal: bool) -> Outbox:
+        """The outbox under ``settings.data_dir``, sized and synced as ``settings`` say."""
+        return cls(
+            Path(settings.data_dir) / "outbox",
+            wal=wal,
+            max_bytes=settings.outbox_max_bytes,
+            segment_bytes=settings.outbox_segment_bytes,
+            segment_age=settings.outbox_segment_age,
+            fsync_interval=settings.fsync_interval,
+            fsync_batch=settings.fsync_batch,
+        )
 
     # -- life cycle --------------------------------------------------------------
 

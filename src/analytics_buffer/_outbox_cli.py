@@ -127,15 +127,7 @@ def _inspect(directory: Path) -> int:
 async def _replay(settings: Settings, directory: Path) -> int:
     from ._engines import create_sink
 
-    outbox = Outbox(
-        directory,
-        wal=False,
-        max_bytes=settings.outbox_max_bytes,
-        segment_bytes=settings.outbox_segment_bytes,
-        segment_age=settings.outbox_segment_age,
-        fsync_interval=settings.fsync_interval,
-        fsync_batch=settings.fsync_batch,
-    )
+    outbox = Outbox.for_settings(settings, wal=False)
     segments = await anyio.to_thread.run_sync(outbox.open)
     if not outbox.owner:
         raise OutboxError(f"{directory} is held by a running buffer, which replays it itself")

@@ -47,12 +47,10 @@ from typing import Any, Final, final
 import msgspec
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from ._counter_store import Snapshot, Staged
-from ._redis_sessions import map_exceptions
+from ._redis import connect, map_exceptions
 
 __all__ = ("RedisCounterStore",)
 
@@ -115,12 +113,7 @@ class RedisCounterStore:
     ) -> None:
         if retention <= 0:
             raise ValueError(f"retention must be positive, got {retention}")
-        self._redis: Redis = Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis: Redis = connect(url, socket_timeout)
         tag = f"{{{prefix}:counters}}:"
         self._tag = tag
         self._live, self._staged, self._staged_id = tag + "live", tag + "staged", tag + "staged_id"

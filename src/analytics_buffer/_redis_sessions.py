@@ -74,19 +74,16 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Final, cast, final
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from . import _redis_scripts as scripts
 from ._event import Event
-from ._exceptions import StoreUnavailable
+from ._redis import connect, map_exceptions
 from ._redis_merge import (
     ENCODER,
     ENTRY_DECODER,
@@ -111,7 +108,7 @@ from ._sessions import (
     epoch_ms,
 )
 
-__all__ = ("INLINE_WRITTEN", "RedisSessionStore", "map_exceptions", "session_key")
+__all__ = ("INLINE_WRITTEN", "RedisSessionStore", "session_key")
 
 _CLEANUP_BATCH: Final = 1000
 _SENT_EVENTS: Final = 200_000
@@ -119,25 +116,6 @@ _SENT_EVENTS: Final = 200_000
 decode them again; past this the oldest are dropped (and decoded if claimed).
 As many as the buffer holds by default (``max_buffered_events``)."""
 _Call = tuple[AsyncScript, Sequence[str], Sequence[str | bytes]]
-
-
-@contextmanager
-def map_exceptions(action: str) -> Iterator[None]:
-    """Turn redis-py's errors into :class:`~analytics_buffer.StoreUnavailable`.
-
-    Connection failures, timeouts, a server still loading its data
-    (``BusyLoadingError``) are what the name says. Other server errors (a
-    full memory, a read-only replica, a key of the wrong type) are wrapped
-    too, so no driver error leaves the adapter; the message says which.
-
-    :param action: what was being done, for the message
-    """
-    try:
-        yield
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-        raise StoreUnavailable(f"redis unreachable during {action}: {exc}") from exc
-    except redis_errors.RedisError as exc:
-        raise StoreUnavailable(f"redis refused {action}: {exc}") from exc
 
 
 def session_key(key: SessionKey) -> str:
@@ -180,12 +158,7 @@ class RedisSessionStore:
     ) -> None:
         if shards < 1 or claim_size < 1 or retention <= 0:
             raise ValueError("shards and claim_size must be >= 1, retention > 0")
-        self._redis: Redis = Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis: Redis = connect(url, socket_timeout)
         self._shards = shards
         self._ttl_ms = str(max(1, round(retention * 1000)))
         self._claim_size = claim_size
