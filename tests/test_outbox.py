@@ -114,6 +114,42 @@ def test_settled_segments_are_deleted_and_a_clean_close_leaves_only_the_unsettle
     assert 100 <= len(left) < 100 + per_segment
 
 
+def test_an_event_appended_twice_settles_at_once(tmp_path: Path) -> None:
+    """One id, two records (a caller tracked the same event twice): one settle is enough."""
+    batch = events(3)
+    outbox = make_outbox(tmp_path)
+    outbox.open()
+    for event in [*batch, batch[1]]:
+        outbox.append(event)
+    outbox.settle(batch)
+    outbox.close()
+    assert stored(tmp_path) == []
+
+
+def test_a_failed_write_stops_the_log_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outbox = make_outbox(tmp_path)
+    outbox.open()
+    kept = events(5)
+    for event in kept:
+        outbox.append(event)
+
+    def fail(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "pwrite", fail)
+        with pytest.raises(OutboxError, match=r"cannot write to the outbox log.*Input/output"):
+            outbox.append(events(1, "failed")[0])
+    # Part of a record may be on disk: nothing is written after it.
+    with pytest.raises(OutboxError, match="takes no events"):
+        outbox.append(events(1, "late")[0])
+    assert outbox.refused == 2
+    outbox.close()
+    assert stored(tmp_path) == kept
+
+
 def test_the_fsync_thread_syncs_within_the_interval(tmp_path: Path) -> None:
     outbox = make_outbox(tmp_path, fsync_interval=0.02)
     outbox.open()
@@ -137,7 +173,7 @@ def test_a_torn_tail_is_cut_at_the_last_whole_record(tmp_path: Path) -> None:
     assert active is not None
     # Half a record, as a process killed in the middle of append leaves it.
     torn = encode_frame(events(1, "torn")[0])
-    active.map[active.position : active.position + len(torn) // 2] = torn[: len(torn) // 2]
+    os.pwrite(active.fd, torn[: len(torn) // 2], active.position)
     kill(outbox)
 
     reopened = make_outbox(tmp_path)
@@ -363,7 +399,7 @@ def test_a_failed_fsync_stops_the_log_and_keeps_what_was_sealed(
         raise OSError(errno.EIO, "Input/output error")
 
     with monkeypatch.context() as patch:
-        patch.setattr(os, "fsync", fail)
+        patch.setattr(os, "fdatasync", fail)
         outbox._sync_once()
     with pytest.raises(OutboxError, match="Input/output error"):
         outbox.append(events(1, "late")[0])

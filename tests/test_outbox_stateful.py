@@ -146,11 +146,11 @@ class OutboxMachine(RuleBasedStateMachine):
         if tear and active is not None:
             frame = encode_frame(self.new_events(1)[0])
             half = min(len(frame) // 2, outbox.segment_bytes - active.position)
-            active.map[active.position : active.position + half] = frame[:half]
+            os.pwrite(active.fd, frame[:half], active.position)
         # What the kernel keeps: the page cache. Nothing of the process's own state.
         for segment in {*outbox._live.values(), *filter(None, [outbox._spare])}:
-            if not segment.map.closed:
-                segment.map.close()
+            if not segment.closed:
+                segment.closed = True
                 os.close(segment.fd)
         assert outbox._lock_fd is not None
         os.close(outbox._lock_fd)

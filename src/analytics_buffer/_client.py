@@ -335,7 +335,7 @@ class AnalyticsBuffer:
         with anyio.move_on_after(self.settings.put_timeout):
             await capacity.wait_for_room(size)
             if self._wal is not None:
-                self._append_to_wal(event, waiting=True)  # --- durable outbox hook
+                self._wal.append(event)  # --- durable outbox hook: put always raises a refusal
             self._capacity.take(size)
             try:
                 actor = self._sessions_ref if event.session_id else self._buffer_ref
@@ -463,17 +463,31 @@ class AnalyticsBuffer:
         return self._overflow()
 
     def _enqueue(self, event: Event, size: int) -> bool:
-        """Hand the event to its actor if that actor's mailbox has room."""
-        if self._wal is not None and not self._append_to_wal(event, waiting=False):
-            return False  # --- durable outbox hook: on disk before it counts as accepted
+        """Hand the event to its actor if that actor's mailbox has room.
+
+        In ``wal`` durability the event is first appended to the outbox's log.
+        When the log refuses it (``outbox_max_bytes``, a full disk, a failed
+        write or fsync), ``drop_newest`` returns ``False`` (the event counts as
+        dropped, and as ``outbox_refused``); other policies raise the
+        :class:`~analytics_buffer.OutboxError` (an
+        :class:`~analytics_buffer.OutboxFull` is also a ``BufferFull``).
+        """
+        wal = self._wal
+        if wal is not None:  # --- durable outbox hook: on disk before it counts as accepted
+            try:
+                wal.append(event)
+            except OutboxError:
+                if self.settings.overflow != "drop_newest":
+                    raise
+                return False
         self._capacity.take(size)
         try:
             # Events of a session go through the SessionActor, the others straight on.
             (self._sessions_ref if event.session_id else self._buffer_ref).cast((event, size))
         except MailboxFull:
             self._capacity.give_back(1, size)
-            if self._wal is not None:
-                self._wal.retract(event)
+            if wal is not None:
+                wal.retract(event)
             return False
         self._counters.accepted += 1
         self._counted.append(event)
@@ -489,26 +503,6 @@ class AnalyticsBuffer:
         if policy == "block":
             raise BufferFull(f"buffer full ({held}); track cannot wait: use 'await put(event)'")
         raise BufferFull(f"buffer full ({held}); overflow='raise'")
-
-    # --- durable outbox (issue 5) --------------------------------------------------
-
-    def _append_to_wal(self, event: Event, *, waiting: bool) -> bool:
-        """Append ``event`` to the outbox's log (``wal``); ``False`` when refused, quietly.
-
-        When the log refuses the event (``outbox_max_bytes``, a full disk, a
-        failed fsync), ``track`` under ``drop_newest`` returns ``False`` (the
-        event counts as dropped, and as ``outbox_refused``); otherwise, and
-        always in ``put``, the :class:`~analytics_buffer.OutboxError` (an
-        :class:`~analytics_buffer.OutboxFull` is also a ``BufferFull``) is raised.
-        """
-        assert self._wal is not None
-        try:
-            self._wal.append(event)
-        except OutboxError:
-            if waiting or self.settings.overflow != "drop_newest":
-                raise
-            return False
-        return True
 
     def _count_restart(self, child: str, reason: Exception) -> None:
         self._counters.restarts += 1

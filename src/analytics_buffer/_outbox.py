@@ -8,20 +8,23 @@ two parts:
   rename, fsync of the directory) instead of being dead-lettered. The
   replay worker (:mod:`._replay`) writes sealed segments to ClickHouse and
   deletes each only once ClickHouse has every record in it.
-* **Write-ahead log** (``durability="wal"``): :meth:`Outbox.append` copies
+* **Write-ahead log** (``durability="wal"``): :meth:`Outbox.append` writes
   each accepted event's framed record into the active segment, a
-  preallocated, memory-mapped file. The copy lands in the OS page cache, so
-  a killed process loses nothing it accepted; a background thread fsyncs
+  preallocated file, with one ``pwrite``. The record is then in the OS page
+  cache, so a killed process loses nothing it accepted; a background thread fsyncs
   every ``fsync_interval`` or every ``fsync_batch`` records (group commit),
   so a power loss takes at most that window. The live pipeline settles
   events (:meth:`Outbox.settle`) once they are written, dead-lettered or
   spilled; a sealed log segment is deleted when all of its events are
-  settled. What a crash leaves behind is replayed at the next start.
+  settled (each segment keeps the set of its unsettled event ids, so an id
+  appended twice settles at once). What a crash leaves behind is replayed at
+  the next start.
 
 The active segment is sealed when full (``segment_bytes``) or older than
 ``segment_age``. Preallocation (``posix_fallocate``) means a full disk is
-met when a segment is created, as a clear ``ENOSPC`` error, never while
-writing into the mapping (which would be a ``SIGBUS``).
+met when a segment is created, as a clear ``ENOSPC`` error, not in the
+middle of a record. A write that fails anyway (``EIO``) stops the log, as a
+failed fsync does.
 
 Start-up recovery (:meth:`Outbox.open`): an ``.open`` segment of a dead
 process is cut at its last whole record and sealed; ``.tmp`` files (spills
@@ -37,7 +40,8 @@ Segments already on disk are never touched by that.
 
 Thread safety: ``append`` and ``settle`` run on the event loop's thread;
 the fsync thread and worker threads (spill, replay reads) share the state
-under one lock.
+under one lock. A second lock keeps the active segment's file open while the
+fsync thread syncs it.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ import contextlib
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import threading
 import time
@@ -109,18 +112,19 @@ class OutboxFigures(NamedTuple):
 
 @final
 class _Active:
-    """The memory-mapped segment that :meth:`Outbox.append` writes into."""
+    """The preallocated segment that :meth:`Outbox.append` writes into."""
 
     __slots__ = (
+        "_unsettled",
+        "appended",
+        "closed",
         "created",
         "fd",
-        "map",
         "name",
-        "outstanding",
         "path",
         "position",
-        "records",
         "sealed",
+        "synced",
     )
 
     def __init__(self, directory: Path, size: int) -> None:
@@ -129,7 +133,6 @@ class _Active:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.posix_fallocate(self.fd, 0, size)
-            self.map = mmap.mmap(self.fd, size)
         except BaseException:
             os.close(self.fd)
             with contextlib.suppress(OSError):
@@ -137,10 +140,21 @@ class _Active:
             raise
         self.created = time.monotonic()
         self.position = 0
-        self.records = 0
-        self.outstanding = 0
+        self.synced = 0
+        """Bytes known to be on disk (the fsync thread's)."""
+        self.closed = False
+        self.appended: list[int] = []
+        """Ids (as ints) of the events appended since the last settle: a list append is
+        what ``append`` can afford; :meth:`unsettled` moves them into a set."""
+        self._unsettled: set[int] = set()
         self.sealed = False
         """Renamed to ``.seg``: from then on, its last settled event deletes it."""
+
+    def unsettled(self) -> set[int]:
+        """The ids of its events not settled yet (the caller holds the outbox's lock)."""
+        self._unsettled.update(self.appended)
+        self.appended.clear()
+        return self._unsettled
 
 
 @final
@@ -184,14 +198,14 @@ class Outbox:
         self.slowest_fsync = 0.0
         """The longest fsync of the log so far, in seconds (for benchmarks)."""
         self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
+        """Held while the active segment is synced or closed: no fd is closed under a sync."""
         self._lock_fd: int | None = None
         self._active: _Active | None = None
         self._spare: _Active | None = None
         self._sealing: list[_Active] = []
         self._live: dict[str, _Active] = {}
         """Log segments of this run by name, sealed or not, until all their events settle."""
-        self._pending: dict[int, _Active] = {}
-        """Event id (as int) -> the log segment holding it, until the event settles."""
         self._unsynced = 0
         self._failure: OSError | None = None
         self._wake = threading.Event()
@@ -256,7 +270,7 @@ class Outbox:
     def seal(self) -> None:
         """Seal the active log segment now (it is fsynced, cut to size and renamed)."""
         with self._lock:
-            if self._active is not None and self._active.records:
+            if self._active is not None and self._active.position:
                 self._sealing.append(self._active)
                 self._active = None
         self._seal_pending()
@@ -275,7 +289,6 @@ class Outbox:
                 self._sealing.append(active)
         self._seal_pending()
         if spare is not None:
-            spare.map.close()
             os.close(spare.fd)
             with contextlib.suppress(OSError):
                 spare.path.unlink()
@@ -293,19 +306,28 @@ class Outbox:
         :raises OutboxError: an earlier fsync failed, so the log cannot be trusted
         """
         frame = encode_frame(event)
+        needed = len(frame)
         with self._lock:
             if self._failure is not None:
                 self.refused += 1
                 raise OutboxError(f"the outbox log failed and takes no events: {self._failure}")
             active = self._active
-            if active is None or active.position + len(frame) > self.segment_bytes:
-                active = self._rotate(len(frame))
-            end = active.position + len(frame)
-            active.map[active.position : end] = frame
-            active.position = end
-            active.records += 1
-            active.outstanding += 1
-            self._pending[event.id.int] = active
+            if active is None or active.position + needed > self.segment_bytes:
+                active = self._rotate(needed)
+            # A write(2), not a memory map: syncing a mapped file write-protects each of
+            # its pages on the event loop's thread (page faults, TLB shootdowns), which
+            # cost more than this system call.
+            try:
+                written = os.pwrite(active.fd, frame, active.position)
+                if written != needed:
+                    raise OSError(errno.EIO, f"short write: {written} of {needed} bytes")
+            except OSError as exc:
+                # Part of a record may be there: the log takes nothing after it.
+                self._failure = exc
+                self.refused += 1
+                raise OutboxError(f"cannot write to the outbox log: {exc}") from exc
+            active.position += needed
+            active.appended.append(event.id.int)
             self._unsynced += 1
             if self._unsynced == self.fsync_batch:
                 self._wake.set()
@@ -316,16 +338,16 @@ class Outbox:
 
     def settle(self, events: Sequence[Event]) -> None:
         """Mark ``events`` written, dead-lettered or spilled; delete log segments now settled."""
-        if not self._pending:
+        if not self._live:
             return
+        # Set operations in C, a few per batch: cheaper than a dict entry per event.
+        ids = {event.id.int for event in events}
         with self._lock:
-            pop = self._pending.pop
-            for event in events:
-                segment = pop(event.id.int, None)
-                if segment is not None:
-                    segment.outstanding -= 1
-                    if segment.outstanding == 0 and segment.sealed:
-                        self._retire(segment)
+            for segment in list(self._live.values()):
+                unsettled = segment.unsettled()
+                unsettled.difference_update(ids)
+                if not unsettled and segment.sealed:
+                    self._retire(segment)
 
     def _rotate(self, needed: int) -> _Active:
         """Seal the active segment and make the spare (or a new one) active; under the lock."""
@@ -383,20 +405,19 @@ class Outbox:
     def _sync_once(self) -> None:
         with self._lock:
             active = self._active
-            unsynced, self._unsynced = self._unsynced, 0
+            self._unsynced = 0
+            position = 0 if active is None else active.position
             if (
                 active is not None
-                and active.records
+                and active.position
                 and time.monotonic() - active.created >= self.segment_age
             ):
                 self._sealing.append(active)
                 self._active = None
+                active = None  # sealing syncs it whole
         try:
-            if active is not None and unsynced and not active.map.closed:
-                started = time.monotonic()
-                os.fsync(active.fd)
-                self.fsyncs += 1
-                self.slowest_fsync = max(self.slowest_fsync, time.monotonic() - started)
+            if active is not None and position > active.synced:
+                self._sync_active(active, position)
             self._seal_pending()
             self._prepare_spare()
         except OSError as exc:
@@ -405,6 +426,17 @@ class Outbox:
             log.error("outbox fsync failed; the log takes no more events: %s", exc)
             with self._lock:
                 self._failure = exc
+
+    def _sync_active(self, active: _Active, position: int) -> None:
+        """Make the active segment durable up to ``position`` at least."""
+        with self._io_lock:
+            if active.closed:
+                return
+            started = time.monotonic()
+            os.fdatasync(active.fd)
+            active.synced = position
+            self.fsyncs += 1
+            self.slowest_fsync = max(self.slowest_fsync, time.monotonic() - started)
 
     def _prepare_spare(self) -> None:
         with self._lock:
@@ -415,25 +447,24 @@ class Outbox:
                 self._spare = self._new_segment(refusing=False)
 
     def _seal_pending(self) -> None:
-        """Fsync, cut and rename the segments taken out of service."""
+        """Cut, fsync and rename the segments taken out of service."""
         while True:
             with self._lock:
                 if not self._sealing:
                     return
                 segment = self._sealing.pop(0)
-            os.fsync(segment.fd)
-            self.fsyncs += 1
-            with self._lock:
-                segment.map.close()
-            os.ftruncate(segment.fd, segment.position)
-            os.fsync(segment.fd)
-            os.close(segment.fd)
+            with self._io_lock:
+                os.ftruncate(segment.fd, segment.position)
+                os.fsync(segment.fd)
+                self.fsyncs += 1
+                segment.closed = True
+                os.close(segment.fd)
             sealed = segment.path.with_suffix(".seg")
             os.rename(segment.path, sealed)
             sync_directory(self.directory)
             with self._lock:
                 segment.sealed = True
-                if segment.outstanding == 0:
+                if not segment.unsettled():
                     self._retire(segment)
 
     # -- spill and replay (worker threads) -------------------------------------------

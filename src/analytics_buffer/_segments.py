@@ -16,7 +16,7 @@ A bad region with no valid frame after it is the segment's *tail*.
 File names, in ``<data_dir>/outbox``:
 
 * ``<ns>-<rand>.open``: the active segment of a ``wal`` buffer (preallocated,
-  memory-mapped); ``<ns>`` is the creation time in nanoseconds since the
+  written with ``pwrite``); ``<ns>`` is the creation time in nanoseconds since the
   epoch, so names sort by age;
 * ``<ns>-<rand>.seg``: a sealed segment, immutable until it is deleted;
 * ``<ns>-<rand>.tmp``: a segment being written in one go (a spill); one left
