@@ -279,6 +279,34 @@ def test_the_cap_refuses_a_new_segment_and_keeps_the_existing_ones(tmp_path: Pat
     assert size <= 3 * 8192
 
 
+def test_whether_the_cap_has_room_does_not_depend_on_the_fsync_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log's own segments count from memory: a directory scan can miss a file
+    the fsync thread is renaming from .open to .seg, and must not open room then."""
+    outbox = make_outbox(tmp_path, max_bytes=3 * 8192, segment_bytes=8192)
+    outbox.open()
+    try:
+        _, error = fill(outbox, events(10_000))
+        assert isinstance(error, OutboxFull)
+        deadline = time.monotonic() + 10
+        while list(tmp_path.glob("*.open")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not list(tmp_path.glob("*.open")), "the fsync thread sealed the full segments"
+        scandir = os.scandir
+
+        def scan_missing_one_segment(path: Any) -> list[os.DirEntry[str]]:
+            entries = [entry for entry in scandir(path) if entry.name.endswith(".seg")]
+            return entries[1:]
+
+        monkeypatch.setattr(os, "scandir", scan_missing_one_segment)
+        with pytest.raises(OutboxFull, match="outbox full"):
+            outbox.append(events(1, "late")[0])
+    finally:
+        monkeypatch.undo()
+        outbox.close()
+
+
 @pytest.fixture
 def tiny_filesystem(tmp_path: Path) -> Iterator[Path]:
     """A real 256 KiB tmpfs (the suite runs as root, as scripts/install-test-deps needs)."""

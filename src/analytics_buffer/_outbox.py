@@ -34,8 +34,9 @@ go to ``quarantine.ndjson`` with the reason when the segment is read for
 replay; the good ones keep flowing.
 
 The cap ``max_bytes`` counts every segment file's size on disk (an active
-segment counts in full). A segment that would pass it is not created:
-:class:`OutboxFull` is raised and the caller applies its overflow policy.
+segment counts in full, a sealed one at the size it is cut to). A segment
+that would pass it is not created: :class:`OutboxFull` is raised and the
+caller applies its overflow policy.
 Segments already on disk are never touched by that.
 
 Thread safety: ``append`` and ``settle`` run on the event loop's thread;
@@ -206,6 +207,8 @@ class Outbox:
         self._sealing: list[_Active] = []
         self._live: dict[str, _Active] = {}
         """Log segments of this run by name, sealed or not, until all their events settle."""
+        self._spilling: dict[str, int] = {}
+        """Spills being written: their names and sizes."""
         self._unsynced = 0
         self._failure: OSError | None = None
         self._wake = threading.Event()
@@ -486,6 +489,8 @@ class Outbox:
                     f"outbox full: {used} bytes on disk, {len(data)} more would pass "
                     f"outbox_max_bytes={self.max_bytes}"
                 )
+            # Reserved until renamed: concurrent spills never pass the cap together.
+            self._spilling[stem] = len(data)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with tmp.open("xb") as file:
@@ -502,6 +507,9 @@ class Outbox:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutboxFull(f"outbox disk full (ENOSPC) in {self.directory}: {exc}") from exc
             raise OutboxError(f"cannot write an outbox segment: {exc}") from exc
+        finally:
+            with self._lock:
+                del self._spilling[stem]
         self.spilled += len(events)
         self.replay_ready.set()
         return Segment(sealed.name, sealed)
@@ -619,10 +627,24 @@ class Outbox:
             path.unlink()
 
     def _disk_bytes(self) -> int:
-        total = 0
+        """The segments' size on disk; under the lock.
+
+        This run's own files count from memory, not from the directory: a
+        scan can miss a file the fsync thread or a spill is renaming, and a
+        log segment taken out of service counts at the size it is cut to even
+        before it is cut. Whether an append finds room must not depend on how
+        far another thread has got.
+        """
+        own = dict(self._spilling)
+        for segment in self._live.values():
+            own[segment.name] = self.segment_bytes if segment is self._active else segment.position
+        if self._spare is not None:
+            own[self._spare.name] = self.segment_bytes
+        total = sum(own.values())
         with contextlib.suppress(OSError):
             for entry in os.scandir(self.directory):
-                if entry.name.endswith((".seg", ".open", ".tmp")):
+                stem, _, suffix = entry.name.rpartition(".")
+                if suffix in ("seg", "open", "tmp") and stem not in own:
                     with contextlib.suppress(FileNotFoundError):
                         total += entry.stat().st_size
         return total
