@@ -7,10 +7,12 @@ import errno
 import os
 import subprocess
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from analytics_buffer import AnalyticsBuffer, BufferFull, Event, OutboxError, OutboxFull, Settings
@@ -161,6 +163,55 @@ def test_the_fsync_thread_syncs_within_the_interval(tmp_path: Path) -> None:
         assert outbox.fsyncs >= 1
     finally:
         outbox.close()
+
+
+def test_an_idle_segment_is_sealed_once_it_reaches_its_age(tmp_path: Path) -> None:
+    # The thread only syncs when told: the test runs its ticks itself.
+    outbox = make_outbox(tmp_path, segment_age=0.0, fsync_interval=3600.0, fsync_batch=10**6)
+    outbox.open()
+    try:
+        batch = events(3)
+        for event in batch:
+            outbox.append(event)
+        outbox._sync_once()
+        assert stored(tmp_path) == batch
+        late = events(1, "late")
+        outbox.append(late[0])
+    finally:
+        outbox.close()
+    assert stored(tmp_path) == [*batch, *late]
+
+
+def test_an_age_seal_never_cuts_a_segment_under_a_write(tmp_path: Path) -> None:
+    """The fsync thread leaves a segment being written to alone; the next append seals it."""
+    outbox = make_outbox(tmp_path, segment_age=0.0, fsync_interval=3600.0, fsync_batch=10**6)
+    outbox.open()
+    batch = events(3)
+    for event in batch:
+        outbox.append(event)
+    active = outbox._active
+    assert active is not None
+    active.writing = True  # as during append's pwrite, which runs without the GIL
+    outbox._sync_once()
+    assert outbox._active is active
+    assert stored(tmp_path) == []
+    active.writing = False
+    late = events(1, "late")
+    outbox.append(late[0])
+    assert outbox._active is not active
+    outbox.close()
+    first, second = make_outbox(tmp_path, wal=False).replayable()
+    assert events_in(outbox, first) == batch
+    assert events_in(outbox, second) == late
+
+
+def test_records_written_as_json_by_earlier_versions_still_decode() -> None:
+    event = events(1)[0]
+    payload = msgspec.json.encode(event)
+    frame = HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    ((_, found),) = scan(frame).frames
+    assert decode_payload(found) == event
+    assert decode_payload(encode_frame(event)[HEADER.size :]) == event
 
 
 def test_a_torn_tail_is_cut_at_the_last_whole_record(tmp_path: Path) -> None:

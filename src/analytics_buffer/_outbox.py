@@ -41,8 +41,13 @@ Segments already on disk are never touched by that.
 
 Thread safety: ``append`` and ``settle`` run on the event loop's thread;
 the fsync thread and worker threads (spill, replay reads) share the state
-under one lock. A second lock keeps the active segment's file open while the
-fsync thread syncs it.
+under one lock. An append that fits in the active segment takes no lock
+(it is most of the log's cost per event): only the event loop's thread
+writes into the active segment or takes it out of service while it has
+room. To seal a segment by age, the fsync thread sets its ``limit`` to 0
+and seals it itself only when no append is writing into it; otherwise the
+next append does. A second lock keeps the active segment's file open while
+the fsync thread syncs it.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import operator
 import os
 import threading
 import time
@@ -82,6 +88,7 @@ __all__ = ("Outbox", "OutboxFigures", "Segment")
 
 log = logging.getLogger("analytics_buffer.outbox")
 
+_id_int: Final = operator.attrgetter("id.int")
 _LOCK_NAME: Final = "outbox.lock"
 
 
@@ -121,11 +128,13 @@ class _Active:
         "closed",
         "created",
         "fd",
+        "limit",
         "name",
         "path",
         "position",
         "sealed",
         "synced",
+        "writing",
     )
 
     def __init__(self, directory: Path, size: int) -> None:
@@ -141,6 +150,10 @@ class _Active:
             raise
         self.created = time.monotonic()
         self.position = 0
+        self.limit = size
+        """Where appends stop; the fsync thread sets it to 0 to have the segment sealed."""
+        self.writing = False
+        """Set by ``append`` while it writes without the lock (see :meth:`Outbox.append`)."""
         self.synced = 0
         """Bytes known to be on disk (the fsync thread's)."""
         self.closed = False
@@ -305,35 +318,58 @@ class Outbox:
     def append(self, event: Event) -> None:
         """Put ``event``'s record in the active segment (the page cache: survives a crash).
 
+        Only the event loop's thread appends, and only it takes a segment out
+        of service while it has room, so the common case takes no lock: the
+        fsync thread reads ``position`` (which moves only after a whole record
+        is written) and asks for an age seal through ``limit``, checking
+        ``writing`` first so that it never cuts a segment under a write.
+
         :raises OutboxFull: the cap or the disk leaves no room for a new segment
         :raises OutboxError: an earlier fsync failed, so the log cannot be trusted
         """
         frame = encode_frame(event)
         needed = len(frame)
+        active = self._active
+        if active is not None:
+            # Flag before checking the limit: the fsync thread sets the limit, then reads the flag.
+            active.writing = True
+        if active is None or active.position + needed > active.limit or self._failure is not None:
+            if active is not None:
+                active.writing = False
+            active = self._next_active(needed)
+        position = active.position
+        try:
+            # A write(2), not a memory map: syncing a mapped file write-protects each of
+            # its pages on the event loop's thread (page faults, TLB shootdowns), which
+            # cost more than this system call.
+            written = os.pwrite(active.fd, frame, position)
+            if written != needed:
+                raise OSError(errno.EIO, f"short write: {written} of {needed} bytes")
+        except OSError as exc:
+            # Part of a record may be there: the log takes nothing after it.
+            active.writing = False
+            self._failure = exc
+            self.refused += 1
+            raise OutboxError(f"cannot write to the outbox log: {exc}") from exc
+        # The position moves before the flag drops: a seal never cuts off this record.
+        active.position = position + needed
+        active.writing = False
+        active.appended.append(event.id.int)
+        self._unsynced += 1
+        if self._unsynced == self.fsync_batch:
+            self._wake.set()
+
+    def _next_active(self, needed: int) -> _Active:
+        """The segment the next ``needed`` bytes go to, flagged ``writing``; rotates if full."""
         with self._lock:
             if self._failure is not None:
                 self.refused += 1
                 raise OutboxError(f"the outbox log failed and takes no events: {self._failure}")
             active = self._active
-            if active is None or active.position + needed > self.segment_bytes:
+            if active is None or active.position + needed > active.limit:
                 active = self._rotate(needed)
-            # A write(2), not a memory map: syncing a mapped file write-protects each of
-            # its pages on the event loop's thread (page faults, TLB shootdowns), which
-            # cost more than this system call.
-            try:
-                written = os.pwrite(active.fd, frame, active.position)
-                if written != needed:
-                    raise OSError(errno.EIO, f"short write: {written} of {needed} bytes")
-            except OSError as exc:
-                # Part of a record may be there: the log takes nothing after it.
-                self._failure = exc
-                self.refused += 1
-                raise OutboxError(f"cannot write to the outbox log: {exc}") from exc
-            active.position += needed
-            active.appended.append(event.id.int)
-            self._unsynced += 1
-            if self._unsynced == self.fsync_batch:
-                self._wake.set()
+            active.writing = True
+            return active
 
     def retract(self, event: Event) -> None:
         """Forget ``event``: appended, then refused (its record is replayed only after a crash)."""
@@ -344,7 +380,7 @@ class Outbox:
         if not self._live:
             return
         # Set operations in C, a few per batch: cheaper than a dict entry per event.
-        ids = {event.id.int for event in events}
+        ids = set(map(_id_int, events))
         with self._lock:
             for segment in list(self._live.values()):
                 unsettled = segment.unsettled()
@@ -415,9 +451,12 @@ class Outbox:
                 and active.position
                 and time.monotonic() - active.created >= self.segment_age
             ):
-                self._sealing.append(active)
-                self._active = None
-                active = None  # sealing syncs it whole
+                # The next append seals it; if none is writing now, seal it here.
+                active.limit = 0
+                if not active.writing:
+                    self._sealing.append(active)
+                    self._active = None
+                    active = None  # sealing syncs it whole
         try:
             if active is not None and position > active.synced:
                 self._sync_active(active, position)
