@@ -11,7 +11,7 @@ import pytest
 from analytics_buffer import Event
 from analytics_buffer._cli import main
 from analytics_buffer._outbox import Outbox
-from test_shutdown_process import query
+from clickhouse_queries import query
 
 
 def spill(data_dir: Path, events: list[Event]) -> Path:

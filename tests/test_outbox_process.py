@@ -29,8 +29,9 @@ from analytics_buffer._outbox import directory_figures
 from analytics_buffer._segments import read_quarantine, scan
 from analytics_buffer.testing import ClickHouseServer
 from child_process import child_output, start_until_loaded
+from clickhouse_queries import query
 from test_outbox_cli import spill
-from test_shutdown_process import outbox_ids, query
+from test_shutdown_process import outbox_ids
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
 

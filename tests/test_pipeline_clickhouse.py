@@ -42,6 +42,7 @@ from analytics_buffer import (
 )
 from analytics_buffer._deadletter import DeadLetters
 from analytics_buffer.testing import ClickHouseServer
+from clickhouse_queries import query, table_counts
 
 # A hang anywhere (a server that never answers, a shutdown that never ends) fails
 # the test instead of stalling the run.
@@ -84,14 +85,6 @@ def make_events(count: int, *, name: str = "click", project: str = "p1") -> list
     ]
 
 
-async def query(url: str, sql: str, *, timeout: float = 10.0) -> list[tuple[Any, ...]]:
-    """Run a read query on its own connection (never the buffer's) and return the rows."""
-    with anyio.fail_after(timeout):
-        async with Connection(dsn=url) as connection, connection.cursor() as cursor:
-            await cursor.execute(sql)
-            return list(await cursor.fetchall())
-
-
 async def execute(url: str, sql: str, *, timeout: float = 10.0) -> None:
     """Run a statement without a result (DDL) on its own connection."""
     with anyio.fail_after(timeout):
@@ -102,13 +95,6 @@ async def execute(url: str, sql: str, *, timeout: float = 10.0) -> None:
 async def count_rows(url: str) -> int:
     rows = await query(url, f"SELECT count() FROM {TABLE}")
     return int(rows[0][0])
-
-
-async def table_counts(url: str) -> tuple[int, int, int]:
-    """``(count(), uniqExact(id), count() FINAL)`` of the events table."""
-    [(count, unique)] = await query(url, f"SELECT count(), uniqExact(id) FROM {TABLE}")
-    [(final,)] = await query(url, f"SELECT count() FROM {TABLE} FINAL")
-    return int(count), int(unique), int(final)
 
 
 async def stored_ids(url: str) -> set[uuid.UUID]:

@@ -39,7 +39,6 @@ import msgspec
 import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
-from asynch import Connection
 from redis.asyncio import Redis
 
 from analytics_buffer import AnalyticsBuffer, Event, Settings
@@ -47,6 +46,7 @@ from analytics_buffer._deadletter import DeadLetters
 from analytics_buffer._redis_sessions import RedisSessionStore
 from analytics_buffer._session_store import shard_of
 from analytics_buffer.testing import ClickHouseServer, RedisServer
+from clickhouse_queries import query, table_counts
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -164,14 +164,6 @@ class Row(NamedTuple):
     properties: dict[str, str]
 
 
-async def query(url: str, sql: str) -> list[tuple[Any, ...]]:
-    """Run a read query on a connection of its own (never an instance's)."""
-    with anyio.fail_after(10):
-        async with Connection(dsn=url) as connection, connection.cursor() as cursor:
-            await cursor.execute(sql)
-            return list(await cursor.fetchall())
-
-
 async def stored(url: str) -> dict[uuid.UUID, Row]:
     """Every event in the table after deduplication (``FINAL``), by id."""
     rows = await query(
@@ -193,13 +185,6 @@ async def stored(url: str) -> dict[uuid.UUID, Row]:
         )
         for row in rows
     }
-
-
-async def table_counts(url: str) -> tuple[int, int, int]:
-    """``(count(), uniqExact(id), count() FINAL)`` of the events table."""
-    [(count, unique)] = await query(url, "SELECT count(), uniqExact(id) FROM events")
-    [(final,)] = await query(url, "SELECT count() FROM events FINAL")
-    return int(count), int(unique), int(final)
 
 
 async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -239,6 +224,13 @@ def assert_durations(rows: dict[uuid.UUID, Row], expected: dict[uuid.UUID, int])
         if rows[event_id].duration != duration
     }
     assert not wrong, f"(stored, expected) durations differ: {wrong}"
+
+
+async def assert_stored_once(url: str, expected: dict[uuid.UUID, int]) -> None:
+    """ClickHouse holds each ``expected`` event exactly once, with its expected duration."""
+    assert_durations(await stored(url), expected)
+    count, unique, final = await table_counts(url)
+    assert count == unique == final == len(expected), "an event was written twice"
 
 
 # -- pairing end to end -------------------------------------------------------------------
@@ -500,10 +492,7 @@ async def test_two_instances_split_the_sessions_events_and_write_each_once(
         await b.flush()
         stats_a, stats_b = a.stats(), b.stats()
 
-    rows = await stored(clickhouse_url)
-    assert_durations(rows, expected)
-    count, unique, final = await table_counts(clickhouse_url)
-    assert count == unique == final == len(expected), "an event was written twice"
+    await assert_stored_once(clickhouse_url, expected)
     # Neither instance settled what the other did.
     assert stats_a.written + stats_b.written == len(expected)
     screen_views = sum(
@@ -569,10 +558,7 @@ async def test_two_instances_with_short_cycles_settle_rounds_of_traffic_once(
         await b.flush()
         stats_a, stats_b = a.stats(), b.stats()
 
-    rows = await stored(clickhouse_url)
-    assert_durations(rows, expected)
-    count, unique, final = await table_counts(clickhouse_url)
-    assert count == unique == final == len(events), "an event was written twice"
+    await assert_stored_once(clickhouse_url, expected)
     assert stats_a.written + stats_b.written == len(events)
     assert stats_a.session_screen_views + stats_b.session_screen_views == screen_views
     assert stats_a.sessions_ended + stats_b.sessions_ended == sessions
@@ -838,10 +824,7 @@ async def test_redis_killed_mid_run_tracking_goes_on_and_catches_up(
         # Pending in Redis only, gone with it; their sessions carry on without them.
         for event_id in waiting_in_redis:
             del expected[event_id]
-    rows = await stored(clickhouse_url)
-    assert_durations(rows, expected)
-    count, unique, final = await table_counts(clickhouse_url)
-    assert count == unique == final == len(expected)
+    await assert_stored_once(clickhouse_url, expected)
     assert not stats.sessions_degraded
     assert stats.accepted == len(events) + 1
     assert stats.written == len(expected)

@@ -16,17 +16,16 @@ import json
 import signal
 import uuid
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 from anyio.abc import Process
-from asynch import Connection
 
 from analytics_buffer._deadletter import DeadLetters
 from analytics_buffer._segments import decode_payload, scan
 from analytics_buffer.testing import ClickHouseServer
 from child_process import child_output, start_until_loaded
+from clickhouse_queries import query
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -77,13 +76,6 @@ async def main(url, data_dir, out, shutdown_timeout, loaded_at):
 
 anyio.run(main, *sys.argv[1:])
 """
-
-
-async def query(url: str, sql: str) -> list[tuple[Any, ...]]:
-    with anyio.fail_after(10):
-        async with Connection(dsn=url) as connection, connection.cursor() as cursor:
-            await cursor.execute(sql)
-            return list(await cursor.fetchall())
 
 
 async def run_child_until_loaded(
