@@ -429,6 +429,20 @@ async def test_track_at_the_outbox_cap_drops_newest_and_says_so(tmp_path: Path) 
     assert stats.dropped == stats.outbox_refused == 500 - taken
 
 
+@pytest.mark.anyio
+async def test_put_at_the_outbox_cap_raises_and_counts_one_refusal(tmp_path: Path) -> None:
+    """``put`` does not apply ``drop_newest``: a refusal of the log raises, counted once."""
+    async with AnalyticsBuffer(wal_settings(tmp_path), sink=MemorySink()) as buffer:
+        results = [buffer.track(event) for event in events(500)]
+        refused_by_track = buffer.stats().outbox_refused
+        assert refused_by_track == results.count(False) > 0
+        with pytest.raises(OutboxFull, match="outbox_max_bytes"):
+            await buffer.put(events(1, "put")[0])
+        stats = buffer.stats()
+    assert stats.outbox_refused == refused_by_track + 1
+    assert stats.dropped == refused_by_track
+
+
 def track_until_refused(buffer: AnalyticsBuffer, batch: list[Event]) -> Exception | None:
     for event in batch:
         try:

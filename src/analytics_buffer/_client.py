@@ -326,11 +326,14 @@ class AnalyticsBuffer:
         producer that puts many events in a row should yield now and then.
 
         :raises BufferFull: when no room came within ``put_timeout``
+        :raises OutboxError: in ``wal`` durability, when the outbox's log refuses
+            the event (an :class:`~analytics_buffer.OutboxFull` at its cap or on a
+            full disk), whatever ``overflow`` says
         :raises InvalidEvent: as for :meth:`track`
         """
         event, size = self._admit(check_event, event)
         capacity = self._capacity
-        if capacity.fits(size) and self._enqueue(event, size):
+        if capacity.fits(size) and self._enqueue(event, size, refusal_raises=True):
             return
         with anyio.move_on_after(self.settings.put_timeout):
             await capacity.wait_for_room(size)
@@ -462,22 +465,22 @@ class AnalyticsBuffer:
             return True
         return self._overflow()
 
-    def _enqueue(self, event: Event, size: int) -> bool:
+    def _enqueue(self, event: Event, size: int, *, refusal_raises: bool = False) -> bool:
         """Hand the event to its actor if that actor's mailbox has room.
 
         In ``wal`` durability the event is first appended to the outbox's log.
         When the log refuses it (``outbox_max_bytes``, a full disk, a failed
         write or fsync), ``drop_newest`` returns ``False`` (the event counts as
-        dropped, and as ``outbox_refused``); other policies raise the
-        :class:`~analytics_buffer.OutboxError` (an
-        :class:`~analytics_buffer.OutboxFull` is also a ``BufferFull``).
+        dropped, and as ``outbox_refused``); other policies, and ``put``
+        (``refusal_raises``), raise the :class:`~analytics_buffer.OutboxError`
+        (an :class:`~analytics_buffer.OutboxFull` is also a ``BufferFull``).
         """
         wal = self._wal
         if wal is not None:  # --- durable outbox hook: on disk before it counts as accepted
             try:
                 wal.append(event)
             except OutboxError:
-                if self.settings.overflow != "drop_newest":
+                if refusal_raises or self.settings.overflow != "drop_newest":
                     raise
                 return False
         self._capacity.take(size)
