@@ -8,7 +8,7 @@ import os
 import subprocess
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 
 from analytics_buffer import AnalyticsBuffer, BufferFull, Event, OutboxError, OutboxFull, Settings
 from analytics_buffer._outbox import Outbox, Segment, directory_figures
+from analytics_buffer._replay import REPLAY_CHUNK_BYTES
 from analytics_buffer._segments import (
     HEADER,
     decode_payload,
@@ -49,7 +50,11 @@ def events(count: int, name: str = "e") -> list[Event]:
 
 
 def events_in(outbox: Outbox, segment: Segment) -> list[Event]:
-    return [event for _, chunk in outbox.load(segment, 4096) for event in chunk]
+    return [
+        event
+        for chunk in outbox.chunks(segment, 4096)
+        for event in outbox.read_chunk(segment, chunk)
+    ]
 
 
 def stored(directory: Path) -> list[Event]:
@@ -307,6 +312,44 @@ def test_a_sealed_segment_truncated_mid_record_quarantines_the_torn_record(
     (entry,) = read_quarantine(tmp_path)
     assert entry.offset == last
     assert entry.reason.startswith("truncated")
+
+
+@pytest.mark.anyio
+async def test_a_replay_decodes_one_chunk_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment's events are in memory one chunk at a time, not whole (its size is a setting)."""
+    spilled = events(60_000)
+    outbox = make_outbox(tmp_path / "outbox", wal=False)
+    outbox.open()
+    segment = outbox.spill(spilled)
+    outbox.close()
+    assert segment.path.stat().st_size > 2 * REPLAY_CHUNK_BYTES
+    decoded = 0
+
+    def counting_decode(payload: bytes | memoryview) -> Event:
+        nonlocal decoded
+        decoded += 1
+        return decode_payload(payload)
+
+    monkeypatch.setattr("analytics_buffer._outbox.decode_payload", counting_decode)
+    held_at_insert: list[tuple[int, int]] = []
+
+    class RecordingSink(MemorySink):
+        async def insert(self, events: Sequence[Event], token: str) -> None:
+            held_at_insert.append((decoded - len(self.rows), len(events)))
+            await super().insert(events, token)
+
+    sink = RecordingSink()
+    settings = Settings(data_dir=str(tmp_path), flush_interval=60.0)
+    async with AnalyticsBuffer(settings, sink=sink) as buffer:
+        await buffer.replay_outbox()
+        stats = buffer.stats()
+    assert [event.id for event in sink.rows] == [event.id for event in spilled]
+    assert stats.outbox_replayed == len(spilled)
+    # At each insert, what was decoded and not yet written is that chunk alone.
+    assert len(held_at_insert) >= 3
+    assert all(held == size for held, size in held_at_insert)
 
 
 def test_the_cap_refuses_a_new_segment_and_keeps_the_existing_ones(tmp_path: Path) -> None:

@@ -131,10 +131,11 @@ class OutboxMachine(RuleBasedStateMachine):
         if not waiting:
             return
         segment = waiting[0]
-        loaded = self.outbox.load(segment, CHUNK_BYTES)
-        for index, chunk in loaded[:chunks]:
+        loaded = self.outbox.chunks(segment, CHUNK_BYTES)
+        for chunk in loaded[:chunks]:
+            events = self.outbox.read_chunk(segment, chunk)
             # A known token is deduplicated, as by ClickHouse 22.2+.
-            self.sink.setdefault(f"{segment.token}:{index}", [event.id for event in chunk])
+            self.sink.setdefault(f"{segment.token}:{chunk.number}", [event.id for event in events])
         if chunks >= len(loaded):
             self.outbox.remove(segment)
 

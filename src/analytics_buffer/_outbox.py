@@ -84,7 +84,7 @@ from ._segments import (
 )
 from ._settings import Settings
 
-__all__ = ("Outbox", "OutboxFigures", "Segment")
+__all__ = ("Chunk", "Outbox", "OutboxFigures", "Segment")
 
 log = logging.getLogger("analytics_buffer.outbox")
 
@@ -103,6 +103,17 @@ class Segment(NamedTuple):
     def token(self) -> str:
         """The stable prefix of its chunks' deduplication tokens."""
         return "outbox-" + self.name.removesuffix(".seg")
+
+
+class Chunk(NamedTuple):
+    """The records of a sealed segment that start in one ``chunk_bytes`` range of it."""
+
+    number: int
+    """``i`` for the range ``[i * chunk_bytes, (i + 1) * chunk_bytes)``."""
+    start: int
+    """Where its first record starts in the file."""
+    stop: int
+    """Where its last record ends."""
 
 
 class OutboxFigures(NamedTuple):
@@ -567,17 +578,17 @@ class Outbox:
             return []
         return [Segment(name, self.directory / name) for name in names]
 
-    def load(self, segment: Segment, chunk_bytes: int) -> list[tuple[int, list[Event]]]:
-        """Read a sealed segment as ``(chunk index, events)``; quarantine its bad records.
+    def chunks(self, segment: Segment, chunk_bytes: int) -> list[Chunk]:
+        """Cut a sealed segment into chunks, decoding nothing; quarantine bad regions.
 
         Chunk ``i`` holds the records that start in bytes ``[i * chunk_bytes,
         (i + 1) * chunk_bytes)`` of the file. A sealed segment is never
         rewritten, so its chunks keep their index (and a replay its tokens)
         even when corruption shows up between two attempts: a bad record
-        only leaves its chunk smaller. Chunks left empty are omitted. Bad
-        regions go to the quarantine file once per segment, offset and length,
-        however often the segment is read (a region that grew as a neighbour
-        went bad is written again, whole).
+        only leaves its chunk smaller. Chunks without a record are omitted.
+        The segment is read whole once here; :meth:`read_chunk` then reads
+        one chunk at a time, so a replay holds one chunk's events in memory,
+        whatever ``outbox_segment_bytes`` is.
         """
         data = segment.path.read_bytes()
         found = scan(data)
@@ -585,34 +596,69 @@ class Outbox:
         if found.tail is not None:
             # A sealed segment was cut at its last record: a bad tail is corruption.
             bad.append(found.tail)
-        chunks: dict[int, list[Event]] = {}
+        spans: dict[int, list[int]] = {}
+        for offset, payload in found.frames:
+            end = offset + HEADER.size + len(payload)
+            span = spans.get(offset // chunk_bytes)
+            if span is None:
+                spans[offset // chunk_bytes] = [offset, end]
+            else:
+                span[1] = end
+        self._quarantine_new(segment.name, data, bad, len(found.frames))
+        return [Chunk(number, start, stop) for number, (start, stop) in sorted(spans.items())]
+
+    def read_chunk(self, segment: Segment, chunk: Chunk) -> list[Event]:
+        """Read and decode one chunk's records; quarantine those that are no events.
+
+        Bad regions go to the quarantine file once per segment, offset and
+        length, however often the segment is read (a region that grew as a
+        neighbour went bad is written again, whole).
+        """
+        with segment.path.open("rb") as file:
+            file.seek(chunk.start)
+            data = file.read(chunk.stop - chunk.start)
+        found = scan(data)
+        base = chunk.start
+        bad = [BadRegion(base + r.start, base + r.stop, r.reason) for r in found.bad]
+        if found.tail is not None:
+            tail = found.tail
+            bad.append(BadRegion(base + tail.start, base + tail.stop, tail.reason))
+        events: list[Event] = []
         for offset, payload in found.frames:
             try:
-                event = decode_payload(payload)
+                events.append(decode_payload(payload))
             except (msgspec.DecodeError, ValueError) as exc:
-                stop = offset + HEADER.size + len(payload)
-                bad.append(BadRegion(offset, stop, f"valid frame, but not an event: {exc}"))
-            else:
-                chunks.setdefault(offset // chunk_bytes, []).append(event)
-        quarantined = read_quarantine(self.directory)
-        known = {(e.offset, e.length) for e in quarantined if e.segment == segment.name}
+                start = base + offset
+                stop = start + HEADER.size + len(payload)
+                bad.append(BadRegion(start, stop, f"valid frame, but not an event: {exc}"))
+        self._quarantine_new(segment.name, data, bad, len(events), base)
+        return events
+
+    def _quarantine_new(
+        self, name: str, data: bytes, bad: Sequence[BadRegion], good: int, base: int = 0
+    ) -> None:
+        """Quarantine the regions of ``bad`` not quarantined yet (``data`` starts at ``base``)."""
+        if not bad:
+            return
+        known = {(e.offset, e.length) for e in read_quarantine(self.directory) if e.segment == name}
         new = [region for region in bad if (region.start, region.stop - region.start) not in known]
         if new:
             log.error(
                 "outbox segment %s: %d bad records quarantined, %d good ones kept",
-                segment.name,
+                name,
                 len(new),
-                sum(map(len, chunks.values())),
+                good,
             )
-            self._quarantine(segment.name, data, new)
-        return sorted(chunks.items())
+            self._quarantine(name, data, new, base)
 
     def remove(self, segment: Segment) -> None:
         """Delete a segment ClickHouse has every record of."""
         self._remove_file(segment.path)
 
-    def _quarantine(self, name: str, data: bytes, regions: Sequence[BadRegion]) -> None:
-        lines = quarantine_lines(name, data, regions)
+    def _quarantine(
+        self, name: str, data: bytes, regions: Sequence[BadRegion], base: int = 0
+    ) -> None:
+        lines = quarantine_lines(name, data, regions, base)
         with (self.directory / QUARANTINE_NAME).open("ab") as file:
             file.write(lines)
             file.flush()

@@ -137,9 +137,12 @@ async def _replay(settings: Settings, directory: Path) -> int:
     try:
         await sink.open()
         for segment in segments:
-            chunks = await anyio.to_thread.run_sync(outbox.load, segment, REPLAY_CHUNK_BYTES)
-            for index, chunk in chunks:
-                token = f"{segment.token}:{index}"
+            chunks = await anyio.to_thread.run_sync(outbox.chunks, segment, REPLAY_CHUNK_BYTES)
+            for span in chunks:
+                chunk = await anyio.to_thread.run_sync(outbox.read_chunk, segment, span)
+                if not chunk:
+                    continue
+                token = f"{segment.token}:{span.number}"
                 try:
                     await sink.insert(chunk, token)
                 except PermanentSinkError as exc:

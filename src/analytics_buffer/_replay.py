@@ -1,8 +1,9 @@
 """The Replayer actor: writes the outbox's sealed segments to ClickHouse, oldest first.
 
-One chunk per step: a step takes the oldest waiting segment (read in a
-worker thread, bad records quarantined), inserts its next chunk, and queues
-the next step. A chunk is the records starting in one range of
+One chunk per step: a step takes the oldest waiting segment (cut into
+chunks in a worker thread, bad records quarantined), reads and inserts its
+next chunk, and queues the next step; only that chunk's events are in
+memory, retried as they are until they are written. A chunk is the records starting in one range of
 ``REPLAY_CHUNK_BYTES`` (4 MiB, about 16k typical events) of the file: chunk
 ``i`` of segment ``S`` always carries the token ``outbox-<S>:<i>`` (a sealed
 segment's bytes never move, and the range is fixed rather than a setting,
@@ -43,7 +44,7 @@ from ._actor import Actor, Reply, Timer
 from ._deadletter import DeadLetters
 from ._event import Event
 from ._exceptions import ActorDeadError, PermanentSinkError, TransientSinkError
-from ._outbox import Outbox, Segment
+from ._outbox import Chunk, Outbox, Segment
 from ._settings import Settings
 from ._sink import Sink
 from ._stats import Counters
@@ -104,8 +105,10 @@ class Replayer(Actor):
         self._max_backoff = settings.retry_max_backoff
         self._backoff = self._first_backoff
         self._segment: Segment | None = None
-        self._chunks: list[tuple[int, list[Event]]] = []
+        self._chunks: list[Chunk] = []
         self._chunk = 0
+        self._events: list[Event] | None = None
+        """The current chunk's events, once read (kept for its retries)."""
         self._timer: Timer | None = None
         self._waiting: list[Reply[Any]] = []
 
@@ -153,15 +156,20 @@ class Replayer(Actor):
                 return
             self._segment = waiting[0]
             self._chunks = await anyio.to_thread.run_sync(
-                outbox.load, self._segment, REPLAY_CHUNK_BYTES
+                outbox.chunks, self._segment, REPLAY_CHUNK_BYTES
             )
             self._chunk = 0
         segment = self._segment
         if self._chunk < len(self._chunks):
-            index, chunk = self._chunks[self._chunk]
-            token = f"{segment.token}:{index}"
+            if self._events is None:
+                self._events = await anyio.to_thread.run_sync(
+                    outbox.read_chunk, segment, self._chunks[self._chunk]
+                )
+            chunk = self._events
+            token = f"{segment.token}:{self._chunks[self._chunk].number}"
             try:
-                await self._sink.insert(chunk, token)
+                if chunk:
+                    await self._sink.insert(chunk, token)
             except TransientSinkError as exc:
                 delay = self._backoff + random.uniform(0, self._first_backoff)
                 self._backoff = min(self._backoff * 2, self._max_backoff)
@@ -176,6 +184,7 @@ class Replayer(Actor):
                 self._counters.written += len(chunk)
             outbox.replayed += len(chunk)
             self._backoff = self._first_backoff
+            self._events = None
         self._chunk += 1
         if self._chunk >= len(self._chunks):
             await anyio.to_thread.run_sync(outbox.remove, segment)

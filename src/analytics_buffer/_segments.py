@@ -175,11 +175,14 @@ _quarantine_encoder: Final = msgspec.json.Encoder()
 _quarantine_decoder: Final = msgspec.json.Decoder(Quarantined)
 
 
-def quarantine_lines(segment: str, data: bytes, regions: Iterable[BadRegion]) -> bytes:
-    """Return the quarantine lines of ``regions`` of a segment's ``data``."""
+def quarantine_lines(
+    segment: str, data: bytes, regions: Iterable[BadRegion], base: int = 0
+) -> bytes:
+    """Return the quarantine lines of ``regions`` of a segment, ``data`` being its
+    bytes from offset ``base`` on."""
     lines = []
     for region in regions:
-        raw = data[region.start : region.stop]
+        raw = data[region.start - base : region.stop - base]
         lines.append(
             _quarantine_encoder.encode(
                 Quarantined(
