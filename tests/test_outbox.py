@@ -22,6 +22,7 @@ from analytics_buffer._segments import (
     HEADER,
     decode_payload,
     encode_frame,
+    encode_frames,
     read_quarantine,
     scan,
 )
@@ -292,6 +293,32 @@ def test_flipped_bytes_quarantine_the_record_and_the_others_flow(
     reason = "checksum mismatch" if where == "payload" else "truncated record"
     assert entry.reason.startswith(reason) or entry.reason.startswith("impossible length")
     assert where == "length" or entry.reason == "checksum mismatch"
+
+
+def test_the_search_through_garbage_checks_few_checksums(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Garbage whose every fourth byte reads as a plausible length would cost a CRC over
+    that many bytes per candidate (quadratic in the region); the payload's first byte
+    rules such candidates out before any checksum."""
+    before, after = events(10, "before"), events(2000, "after")
+    garbage = b"\x00\x00\x01\x00" * 4096  # 64 KiB lengths everywhere, zero payload bytes
+    head, tail = encode_frames(before), encode_frames(after)
+    data = head + garbage + tail
+    checksums = 0
+    real_crc32 = zlib.crc32
+
+    def counting_crc32(payload: bytes) -> int:
+        nonlocal checksums
+        checksums += 1
+        return real_crc32(payload)
+
+    monkeypatch.setattr("analytics_buffer._segments._crc32", counting_crc32)
+    found = scan(data)
+    assert [decode_payload(payload) for _, payload in found.frames] == before + after
+    (region,) = found.bad
+    assert (region.start, region.stop) == (len(head), len(data) - len(tail))
+    # One checksum per valid frame (the one found after the garbage is checked again, and
+    # a candidate or two at the border may reach their CRC), none for the 16k in the garbage.
+    assert len(before) + len(after) <= checksums <= len(before) + len(after) + 4
 
 
 def test_a_sealed_segment_truncated_mid_record_quarantines_the_torn_record(

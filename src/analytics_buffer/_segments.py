@@ -12,9 +12,12 @@ versions (they start with ``{``, which no MessagePack map does) still
 decode. A frame
 whose header is all zero bytes ends the data (an active segment is
 preallocated with zeros). :func:`scan` walks the frames; where a frame does
-not check out (length out of range, CRC mismatch) it searches forward for the
-next frame that does, and reports the bytes in between as a bad region.
-A bad region with no valid frame after it is the segment's *tail*.
+not check out (length out of range, a payload that does not start as an
+event's encoding, CRC mismatch) it searches forward for the next frame that
+does, and reports the bytes in between as a bad region. A bad region with
+no valid frame after it is the segment's *tail*. The first-byte check comes
+before the CRC so that the search through garbage rarely computes one: a
+candidate's checksum runs over as many bytes as its length claims.
 
 File names, in ``<data_dir>/outbox``:
 
@@ -70,6 +73,9 @@ _json_decoder: Final = msgspec.json.Decoder(Event)
 _pack_header: Final = HEADER.pack
 _unpack_header: Final = HEADER.unpack_from
 _crc32: Final = zlib.crc32
+_PAYLOAD_STARTS: Final = frozenset([*range(0x80, 0x90), 0xDE, 0xDF, ord("{")])
+"""First bytes of an event's encoding: a MessagePack map (fixmap, map 16, map 32), or a
+JSON object from earlier versions."""
 
 
 def encode_frame(event: Event) -> bytes:
@@ -124,6 +130,8 @@ def _frame_at(data: bytes, offset: int, size: int) -> tuple[int, str]:
         return 0, f"impossible length {length}"
     if start + length > size:
         return 0, f"truncated record ({length} bytes announced, {size - start} left)"
+    if data[start] not in _PAYLOAD_STARTS:
+        return 0, "payload does not start as an encoded event"
     if _crc32(data[start : start + length]) != crc:
         return 0, "checksum mismatch"
     return start + length, ""
