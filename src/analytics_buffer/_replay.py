@@ -3,16 +3,17 @@
 One chunk per step: a step takes the oldest waiting segment (cut into
 chunks in a worker thread, bad records quarantined), reads and inserts its
 next chunk, and queues the next step; only that chunk's events are in
-memory, retried as they are until they are written. A chunk is the records starting in one range of
-``REPLAY_CHUNK_BYTES`` (4 MiB, about 16k typical events) of the file: chunk
-``i`` of segment ``S`` always carries the token ``outbox-<S>:<i>`` (a sealed
-segment's bytes never move, and the range is fixed rather than a setting,
-so a restart with other settings cuts the same chunks; a record found bad
-only leaves its chunk smaller), on every attempt and after a restart, so a chunk
-that reached ClickHouse just before a failure or a crash is deduplicated
-by servers with ``insert_deduplication_token`` (22.2+); older servers
-store it twice and the ``ReplacingMergeTree`` table collapses the copies by
-event id (read with ``FINAL``).
+memory, kept for its retries until they are written. A chunk is the
+records starting in one range of ``REPLAY_CHUNK_BYTES`` (4 MiB, about 16k
+typical events) of the file: chunk ``i`` of segment ``S`` always carries
+the token ``outbox-<S>:<i>`` (a sealed segment's bytes never move, and the
+range is fixed rather than a setting, so a restart with other settings cuts
+the same chunks; a record found bad only leaves its chunk smaller), on every
+attempt and after a restart, so a chunk that reached ClickHouse just before
+a failure or a crash is deduplicated by servers with
+``insert_deduplication_token`` (22.2+); older servers store it twice and the
+``ReplacingMergeTree`` table collapses the copies by event id (read with
+``FINAL``).
 
 A transient failure waits with exponential backoff (``retry_initial_backoff``
 doubling up to ``retry_max_backoff``, with jitter) and retries the same
