@@ -19,7 +19,7 @@ import anyio
 import pytest
 from trio.testing import MockClock
 
-from analytics_buffer import AnalyticsBuffer, Event, Settings, StoreUnavailable
+from analytics_buffer import AnalyticsBuffer, Event, InvalidArgument, Settings, StoreUnavailable
 from analytics_buffer._counter_store import MemoryCounterStore, Snapshot, Staged
 from memory_rollups import MemoryRollups
 from memory_sink import MemorySink
@@ -297,11 +297,13 @@ async def test_bad_read_arguments_are_refused_with_a_clear_error(
     tmp_path: Path, started_at: float
 ) -> None:
     async with make_buffer(tmp_path, MemoryRollups()) as buffer:
-        with pytest.raises(TypeError, match=r"datetime\.date, got a datetime"):
+        with pytest.raises(InvalidArgument, match=r"datetime\.date, got a datetime"):
             await buffer.count("p1", "signup", datetime(2024, 5, 1, tzinfo=UTC))
-        with pytest.raises(TypeError, match="day must be"):
+        with pytest.raises(InvalidArgument, match="day must be"):
             await buffer.hourly_counts("p1", "signup", "2024-05-01")  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match="name must be a non-empty string"):
+        with pytest.raises(InvalidArgument, match="name must be a non-empty string"):
             await buffer.count("p1", "", DAY0)
-        with pytest.raises(ValueError, match="project_id"):
+        with pytest.raises(InvalidArgument, match="project_id"):
             await buffer.active_visitors("")
+        with pytest.raises(InvalidArgument, match="profile_id"):
+            await buffer.last_screen_view("p1", 7)  # type: ignore[arg-type]

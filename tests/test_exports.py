@@ -103,6 +103,7 @@ def test_exception_docstrings_open_with_one_raised_when_line(cls: type[BaseExcep
 def test_the_value_errors_are_value_errors() -> None:
     assert issubclass(analytics_buffer.ConfigError, ValueError)
     assert issubclass(analytics_buffer.InvalidEvent, ValueError)
+    assert issubclass(analytics_buffer.InvalidArgument, ValueError)
     assert issubclass(analytics_buffer.CallTimeout, TimeoutError)
 
 

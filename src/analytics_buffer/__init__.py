@@ -18,6 +18,7 @@ from ._exceptions import BufferClosed as BufferClosed
 from ._exceptions import BufferFull as BufferFull
 from ._exceptions import CallTimeout as CallTimeout
 from ._exceptions import ConfigError as ConfigError
+from ._exceptions import InvalidArgument as InvalidArgument
 from ._exceptions import InvalidEvent as InvalidEvent
 from ._exceptions import MailboxFull as MailboxFull
 from ._exceptions import OutboxError as OutboxError
@@ -55,6 +56,7 @@ __all__ = (
     "Durability",
     "Event",
     "FlushReport",
+    "InvalidArgument",
     "InvalidEvent",
     "Mailbox",
     "MailboxFull",

@@ -20,7 +20,14 @@ from ._counter_actor import ActiveVisitors, CounterActor, CounterState, CountRea
 from ._counter_store import CounterStore, MemoryCounterStore
 from ._deadletter import DeadLetters
 from ._event import Event, check_event, decode_event, new_event_id
-from ._exceptions import BufferClosed, BufferFull, InvalidEvent, MailboxFull, OutboxError
+from ._exceptions import (
+    BufferClosed,
+    BufferFull,
+    InvalidArgument,
+    InvalidEvent,
+    MailboxFull,
+    OutboxError,
+)
 from ._outbox import Outbox
 from ._replay import REPLAY_NOW, SEGMENT_READY, Replayer
 from ._rollup import RollupTarget, SinkRollups, TupleSink, counters_table
@@ -368,7 +375,12 @@ class AnalyticsBuffer:
         await self._buffer_ref.call(FLUSH, timeout=None)
 
     async def last_screen_view(self, project_id: str, profile_id: str) -> Event | None:
-        """Return the latest screen_view (by ``created_at``) of a profile, or ``None``."""
+        """Return the latest screen_view (by ``created_at``) of a profile, or ``None``.
+
+        :raises InvalidArgument: ``project_id`` or ``profile_id`` is not a non-empty string
+        """
+        _check_text("project_id", project_id)
+        _check_text("profile_id", profile_id)
         event: Event | None = await self._sessions_ref.call(
             LastScreenView(project_id, profile_id), timeout=None
         )
@@ -381,6 +393,7 @@ class AnalyticsBuffer:
         that is less than ``live_window`` seconds before now (on the buffer's
         clock), so exactly at the window's edge it no longer does.
 
+        :raises InvalidArgument: ``project_id`` is not a non-empty string
         :raises StoreUnavailable: the counter store (Redis) cannot be reached
         """
         _check_text("project_id", project_id)
@@ -393,6 +406,8 @@ class AnalyticsBuffer:
         Exact at every moment: rolled-up counts (ClickHouse) plus those not
         yet rolled up (the store, and this instance's memory).
 
+        :raises InvalidArgument: ``project_id`` or ``name`` is not a non-empty
+            string, or ``day`` is not a ``datetime.date`` (a ``datetime`` is refused)
         :raises StoreUnavailable: the counter store (Redis) cannot be reached
         :raises SinkError: ClickHouse cannot be read
         """
@@ -402,7 +417,7 @@ class AnalyticsBuffer:
     async def hourly_counts(self, project_id: str, name: str, day: date) -> dict[int, int]:
         """Return the counts of ``(project_id, name)`` for each UTC hour (0-23) of ``day``.
 
-        As exact as :meth:`count`, whose value is their sum.
+        As exact as :meth:`count`, whose value is their sum; raises as it does.
         """
         counts = await self._read_counts(project_id, name, day)
         return dict(enumerate(counts[1:]))
@@ -436,7 +451,7 @@ class AnalyticsBuffer:
         _check_text("name", name)
         if type(day) is not date:
             kind = "a datetime: pass its .date()" if isinstance(day, datetime) else type(day)
-            raise TypeError(f"day must be a datetime.date, got {kind}")
+            raise InvalidArgument(f"day must be a datetime.date, got {kind}")
         counts: dict[str, int] = await self._counters_ref.call(
             CountRead(project_id, name, day), timeout=None
         )
@@ -513,7 +528,7 @@ class AnalyticsBuffer:
 
 def _check_text(what: str, value: object) -> None:
     if type(value) is not str or not value:
-        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+        raise InvalidArgument(f"{what} must be a non-empty string, got {value!r}")
 
 
 def _create_counter_store(settings: Settings) -> CounterStore:

@@ -5,6 +5,7 @@
     AnalyticsBufferError
     ├── ConfigError              (also ValueError)
     ├── InvalidEvent             (also ValueError)
+    ├── InvalidArgument          (also ValueError)
     ├── BufferFull
     │   └── OutboxFull       (also OutboxError)
     ├── BufferClosed
@@ -35,6 +36,7 @@ __all__ = (
     "BufferFull",
     "CallTimeout",
     "ConfigError",
+    "InvalidArgument",
     "InvalidEvent",
     "MailboxFull",
     "OutboxError",
@@ -69,6 +71,10 @@ class InvalidEvent(AnalyticsBufferError, ValueError):
 
     def __reduce__(self) -> tuple[type[InvalidEvent], tuple[str, str]]:
         return (InvalidEvent, (self.field, self.problem))
+
+
+class InvalidArgument(AnalyticsBufferError, ValueError):
+    """Raised when a read such as ``count`` or ``last_screen_view`` gets an unusable argument."""
 
 
 class BufferFull(AnalyticsBufferError):
