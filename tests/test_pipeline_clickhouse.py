@@ -43,6 +43,7 @@ from analytics_buffer import (
 from analytics_buffer._deadletter import DeadLetters
 from analytics_buffer.testing import ClickHouseServer
 from clickhouse_queries import query, table_counts
+from polling import wait_until
 
 # A hang anywhere (a server that never answers, a shutdown that never ends) fails
 # the test instead of stalling the run.
@@ -99,20 +100,6 @@ async def count_rows(url: str) -> int:
 
 async def stored_ids(url: str) -> set[uuid.UUID]:
     return {uuid.UUID(str(row[0])) for row in await query(url, f"SELECT id FROM {TABLE}")}
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` every 10 ms for at most ``timeout`` seconds.
-
-    Only for conditions that have no event of their own: a retry shows only in
-    ``stats().retries``.
-    """
-    try:
-        with anyio.fail_after(timeout):
-            while not predicate():  # noqa: ASYNC110 (nothing to wait on but the counter)
-                await anyio.sleep(0.01)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 class FlushLog:
@@ -498,8 +485,8 @@ async def test_clickhouse_killed_and_restarted_loses_nothing(
         # events were accepted meanwhile (about a second of load).
         await wait_until(
             lambda: buffer.stats().retries >= 3 and len(producer.ids) >= killed_at + 2_000,
-            15,
             "failed inserts under continued tracking",
+            timeout=15,
         )
         written_during_outage = buffer.stats().written
         accepted_during_outage = len(producer.ids) - killed_at
@@ -525,7 +512,7 @@ async def test_clickhouse_paused_times_out_inserts_then_catches_up(
     async with steady_load(server.url, tmp_path) as (buffer, producer, flushes):
         async with paused(server):
             paused_at = anyio.current_time()
-            await wait_until(lambda: buffer.stats().retries >= 2, 10, "timed-out inserts")
+            await wait_until(lambda: buffer.stats().retries >= 2, "timed-out inserts")
             stalled_for = anyio.current_time() - paused_at
             written_while_paused = buffer.stats().written
         await flushes.wait_written(written_while_paused + 1, timeout=15)
@@ -575,7 +562,7 @@ async def test_overflow_drop_newest_counts_what_it_drops(
                 for event in events[10:]:
                     outcomes.append(buffer.track(event))
                     await anyio.lowlevel.checkpoint()
-                await wait_until(lambda: buffer.stats().retries >= 1, 10, "a stalled insert")
+                await wait_until(lambda: buffer.stats().retries >= 1, "a stalled insert")
                 held = buffer.stats()
             await buffer.flush()
             stats = buffer.stats()

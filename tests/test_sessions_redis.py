@@ -47,6 +47,7 @@ from analytics_buffer._redis_sessions import RedisSessionStore
 from analytics_buffer._session_store import shard_of
 from analytics_buffer.testing import ClickHouseServer, RedisServer
 from clickhouse_queries import query, table_counts
+from polling import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -185,16 +186,6 @@ async def stored(url: str) -> dict[uuid.UUID, Row]:
         )
         for row in rows
     }
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll a condition on ``stats()`` every 20 ms for at most ``timeout`` seconds."""
-    try:
-        with anyio.fail_after(timeout):
-            while not predicate():  # noqa: ASYNC110 (a counter has no event to wait on)
-                await anyio.sleep(POLL)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 async def wait_for_rows(
