@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
-from asynch.proto.streams.buffered import BufferedWriter
 
 from analytics_buffer import (
     ConfigError,
@@ -22,7 +20,7 @@ from analytics_buffer import (
     Settings,
     TransientSinkError,
 )
-from analytics_buffer._clickhouse import ClickHouseSink, _strings_wire
+from analytics_buffer._clickhouse import ClickHouseSink
 from analytics_buffer._schema import events_ddl
 from analytics_buffer.testing import ClickHouseServer, free_port
 
@@ -393,17 +391,6 @@ async def test_concurrent_inserts_share_the_pool(clickhouse_url: str) -> None:
         assert await sink.query("SELECT uniqExact(id) FROM events") == [(1000,)]
     finally:
         await sink.aclose()
-
-
-async def test_string_columns_are_written_as_asynch_writes_them() -> None:
-    values = ["", "click", "ünï", "x" * 127, "y" * 128, "é" * 300, "click", "\n\t'\""]
-    # asynch's own String writer, into memory (untyped in its stubs).
-    expected: Any = BufferedWriter(None)  # type: ignore[no-untyped-call]
-    await expected.write_strings(values)
-    encoded: dict[str, bytes] = {}
-    assert _strings_wire(values, encoded) == bytes(expected.buffer)
-    assert _strings_wire(values, encoded) == bytes(expected.buffer)  # from the cache
-    assert len(encoded) == len(set(values))
 
 
 async def test_long_and_non_ascii_strings_round_trip(sink: ClickHouseSink) -> None:

@@ -11,8 +11,8 @@ Each chunk is one INSERT (the server makes one part of it) whose data goes
 as columns, in blocks of ``insert_block_rows`` with a turn of the event loop
 after each; one INSERT at a time sends its blocks. asynch's cursor offers
 neither columns nor turns, so :func:`_insert_blocks` drives its protocol
-connection, :func:`_send_block` writes ``String`` columns from a cache of
-their wire forms, and :func:`_reset` makes an interrupted INSERT store
+connection, :func:`_send_block` writes the table's columns itself
+(:mod:`._wire`), and :func:`_reset` makes an interrupted INSERT store
 nothing: private asynch API (checked against asynch 0.4.0), kept to those
 three functions and pinned by ``tests/test_clickhouse_sink.py``.
 
@@ -49,13 +49,12 @@ asynch runs on asyncio only, so this sink needs anyio's asyncio backend.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
-from typing import Any, Final, final
+from typing import Any, final
 
 import anyio
 import anyio.lowlevel
@@ -75,6 +74,7 @@ from ._exceptions import ConfigError, PermanentSinkError, SinkError, TransientSi
 from ._rows import RowPlan
 from ._settings import Settings
 from ._table_sink import TableSink
+from ._wire import column_wire
 
 __all__ = ("ClickHouseSink",)
 
@@ -192,42 +192,6 @@ async def _insert_blocks(
 write_column: Callable[..., Any] = _write_column
 BlockInfo: Callable[[], Any] = _BlockInfo
 
-_STRING_CACHE_SIZE: Final = 65_536
-"""Distinct strings kept with their wire form; the cache starts over past it."""
-_LENGTH_BYTE: Final = tuple(bytes((length,)) for length in range(128))
-
-
-def _strings_wire(values: Iterable[str], encoded: dict[str, bytes]) -> bytes:
-    """Return ``values`` as a ``String`` column on the wire: a varint length, then UTF-8.
-
-    Analytics columns repeat their values (names, paths, origins), so each
-    distinct string is encoded once and its wire form reused: about 40 ns a
-    value where asynch's writer spends about 200.
-    """
-    parts = []
-    get = encoded.get
-    for value in values:
-        wire = get(value)
-        if wire is None:
-            if len(encoded) >= _STRING_CACHE_SIZE:
-                encoded.clear()
-            data = value.encode()
-            size = len(data)
-            wire = _LENGTH_BYTE[size] + data if size < 128 else _varint(size) + data
-            encoded[value] = wire
-        parts.append(wire)
-    return b"".join(parts)
-
-
-def _varint(value: int) -> bytes:
-    """Unsigned LEB128, as the native protocol writes lengths."""
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
 
 async def _send_block(
     protocol: Any,
@@ -237,9 +201,9 @@ async def _send_block(
 ) -> None:
     """Send one Data packet holding ``columns``, as asynch's ``send_block`` would.
 
-    ``String`` and ``Array(String)`` columns are written here, from the
-    cache of wire forms (:func:`_strings_wire`); every other type goes
-    through asynch's own column writer. Uncompressed connections only.
+    The columns the events table uses are written by :func:`column_wire`;
+    any other type goes through asynch's own column writer. Uncompressed
+    connections only.
     """
     writer = protocol.writer
     revision = protocol.server_info.revision
@@ -253,16 +217,11 @@ async def _send_block(
     for (name, kind), values in zip(structure, columns, strict=True):
         await writer.write_str(name)
         await writer.write_str(kind)
-        if kind == "String":
-            await writer.write_bytes(_strings_wire(values, encoded))
-        elif kind == "Array(String)":
-            # Array: the running total of the lengths (UInt64), then the items.
-            ends = list(itertools.accumulate(map(len, values)))
-            await writer.write_bytes(struct.pack(f"<{len(ends)}Q", *ends))
-            flat = itertools.chain.from_iterable(values)
-            await writer.write_bytes(_strings_wire(flat, encoded))
-        else:
+        wire = column_wire(kind, values, encoded)
+        if wire is None:
             await write_column(protocol.reader, writer, protocol.context, name, kind, values)
+        else:
+            await writer.write_bytes(wire)
     await writer.flush()
 
 
