@@ -18,6 +18,7 @@ from analytics_buffer import (
     RestartIntensityExceeded,
     Supervisor,
 )
+from analytics_buffer._mailbox import Mailbox
 
 pytestmark = [
     pytest.mark.anyio,
@@ -254,3 +255,14 @@ async def test_a_full_mailbox_refuses_casts() -> None:
         with pytest.raises(MailboxFull, match="2 messages"):
             ref.cast(3)
         assert ref.statistics().queued == 2
+
+
+async def test_offer_raises_anyio_errors_unmapped() -> None:
+    mailbox: Mailbox[int] = Mailbox(1)
+    mailbox.offer(1)
+    with pytest.raises(anyio.WouldBlock):
+        mailbox.offer(2)
+    assert mailbox.statistics().queued == 1
+    mailbox.release()
+    with pytest.raises(anyio.ClosedResourceError):
+        mailbox.offer(3)

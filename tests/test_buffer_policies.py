@@ -228,6 +228,27 @@ async def test_put_with_room_returns_at_once(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 @trio_mock
+async def test_a_refused_fast_offer_leaves_the_event_to_the_general_path(tmp_path: Path) -> None:
+    """track and put first offer the event straight to the mailbox; when that
+    refuses (full, closed), nothing is counted and the general path decides."""
+
+    def refuse(message: object) -> None:
+        raise anyio.WouldBlock
+
+    sink = MemorySink()
+    async with AnalyticsBuffer(make_settings(tmp_path), sink=sink) as buffer:
+        buffer._offer_to_buffer = refuse
+        first, second = events(2)
+        assert buffer.track(first) is True
+        await buffer.put(second)
+        stats = buffer.stats()
+        assert (stats.accepted, stats.buffered) == (2, 2)
+    assert sorted(event.name for event in sink.rows) == ["e0", "e1"]
+    assert buffer.stats().written == 2
+
+
+@pytest.mark.anyio
+@trio_mock
 async def test_put_raises_buffer_full_after_put_timeout_when_the_sink_is_stuck(
     tmp_path: Path,
 ) -> None:

@@ -262,6 +262,8 @@ class AnalyticsBuffer:
         self._buffer_ref = self._supervisor.ref("event_buffer")
         self._sessions_ref = self._supervisor.ref("sessions")
         self._counters_ref = self._supervisor.ref("counters")
+        self._offer_to_buffer = self._buffer_ref.mailbox.offer
+        self._offer_to_sessions = self._sessions_ref.mailbox.offer
         self._running = True
         return self
 
@@ -315,7 +317,7 @@ class AnalyticsBuffer:
         except InvalidEvent:
             self._counters.rejected += 1
             raise
-        return self._accept(event, size)
+        return self._offer(event, size) or self._accept(event, size)
 
     def track_json(self, raw: bytes | bytearray | memoryview | str) -> bool:
         """Accept one event given as JSON (as an HTTP handler received it).
@@ -339,6 +341,8 @@ class AnalyticsBuffer:
         :raises InvalidEvent: as for :meth:`track`
         """
         event, size = self._admit(check_event, event)
+        if self._offer(event, size):
+            return
         capacity = self._capacity
         if capacity.fits(size) and self._enqueue(event, size, refusal_raises=True):
             return
@@ -468,6 +472,31 @@ class AnalyticsBuffer:
         except InvalidEvent:
             self._counters.rejected += 1
             raise
+
+    def _offer(self, event: Event, size: int) -> bool:
+        """Accept the event if nothing stands in the way: no ``wal``, room, an open mailbox.
+
+        The common case of :meth:`track` and :meth:`put`, a few calls shorter
+        than :meth:`_accept` (each costs ~0.05-0.1 us here). ``False`` changes
+        nothing: the general path then decides what happens to the event.
+        """
+        counters = self._counters
+        if (
+            self._wal is not None
+            or counters.buffered >= self._max_buffered_events
+            or counters.buffered_bytes + size > self._max_buffered_bytes
+        ):
+            return False
+        try:
+            # Events of a session go through the SessionActor, the others straight on.
+            (self._offer_to_sessions if event.session_id else self._offer_to_buffer)((event, size))
+        except Exception:  # full or closed (anyio's own errors)
+            return False
+        counters.buffered += 1
+        counters.buffered_bytes += size
+        counters.accepted += 1
+        self._counted.append(event)
+        return True
 
     def _accept(self, event: Event, size: int) -> bool:
         # Capacity.fits, inlined: this runs once per tracked event.

@@ -11,7 +11,7 @@ switch), then everything already queued through ``receive_nowait()``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Generic, NamedTuple, TypeVar, final
 
 import anyio
@@ -51,6 +51,10 @@ class Mailbox(Generic[T]):
         self._receive: MemoryObjectReceiveStream[T]
         self._send, self._receive = anyio.create_memory_object_stream[T](capacity)
         self._carry: list[T] = []
+        self.offer: Callable[[T], None] = self._send.send_nowait
+        """Queue a message without waiting, raising anyio's own errors: ``anyio.WouldBlock``
+        when full, ``ClosedResourceError``/``BrokenResourceError`` when closed. It is
+        :meth:`send_nowait` without the mapping, a call cheaper, for a caller's hot path."""
 
     def send_nowait(self, message: T) -> None:
         """Queue ``message`` without waiting.
