@@ -104,7 +104,6 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 
 _TEXT_FIELDS: Final = ("profile_id", "session_id", "path", "origin", "referrer")
-_PROPERTY_TYPES: Final = (str, int, float, bool)
 _decoder: Final = msgspec.json.Decoder(Event)
 _encoder: Final = msgspec.json.Encoder()
 _PATH_IN_MESSAGE: Final = re.compile(r" - at `\$\.([A-Za-z_]+)|missing required field `(\w+)`")
@@ -171,8 +170,10 @@ def check_event(event: object, max_event_bytes: int) -> tuple[Event, int]:
         kind = type(value)
         if isinstance(value, str):
             size += len(key) + len(value) + 6
-        elif kind in _PROPERTY_TYPES:
-            if isinstance(value, float) and not math.isfinite(value):
+        elif kind is int or kind is bool:
+            size += len(key) + 26
+        elif kind is float:
+            if not math.isfinite(value):
                 raise InvalidEvent(f"properties.{key}", "must be a finite number")
             size += len(key) + 26
         else:
