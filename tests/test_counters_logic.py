@@ -92,7 +92,7 @@ def test_a_tally_counts_every_event_once_and_days_are_the_sum_of_their_hours(
     second.add(events[split:])
     first.merge(second)
     assert first.increments() == whole.increments()
-    assert first.seen == whole.seen
+    assert first.seen() == whole.seen()
     increments = whole.increments()
     hours = {parse_field(f): n for f, n in increments.items() if f.startswith("h")}
     days = {parse_field(f): n for f, n in increments.items() if f.startswith("d")}
@@ -103,7 +103,7 @@ def test_a_tally_counts_every_event_once_and_days_are_the_sum_of_their_hours(
             for hour, n in hours.items()
             if hour[:2] == day[:2] and day.start <= hour.start < day.start + DAY
         )
-    for project, profiles in whole.seen.items():
+    for project, profiles in whole.seen().items():
         for profile, at in profiles.items():
             assert at == max(
                 e.created_at.timestamp()
@@ -116,9 +116,9 @@ def test_visitors_outside_the_window_are_forgotten_at_the_edge() -> None:
     tally = Tally()
     tally.add([event(profile="old", at=T0), event(profile="new", at=T0 + timedelta(seconds=1))])
     tally.forget_visitors_before(T0.timestamp())
-    assert tally.seen == {"p1": {"new": T0.timestamp() + 1}}
+    assert tally.seen() == {"p1": {"new": T0.timestamp() + 1}}
     tally.forget_visitors_before(T0.timestamp() + 1)
-    assert tally.seen == {}
+    assert tally.seen() == {}
     assert tally.keys_held() == 2  # the two hours stay
 
 

@@ -279,7 +279,7 @@ class CounterActor(Actor):
     async def _apply(self, tally: Tally, seq: int, now: float) -> None:
         await self._store.apply(
             tally.increments(),
-            tally.seen,
+            tally.seen(),
             writer=self._owner,
             seq=seq,
             now=now,

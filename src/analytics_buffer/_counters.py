@@ -18,7 +18,7 @@ is one floor division.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Final, Literal, NamedTuple, final
 
 from ._event import Event
@@ -37,6 +37,8 @@ __all__ = (
 )
 
 HOUR: Final = 3600
+_ONE_HOUR: Final = timedelta(hours=1)
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 DAY: Final = 86400
 
 Period = Literal["hour", "day"]
@@ -95,38 +97,54 @@ class Tally:
 
     ``hours`` counts events per ``(project_id, name, hour)``; the daily
     counters are derived from it when the tally is taken, so each event
-    costs one dictionary update. ``seen`` keeps, per project, each profile's
-    latest ``created_at``.
+    costs one dictionary update. ``last_seen`` keeps, per project, each
+    profile's latest ``created_at`` (:meth:`seen` gives them in Unix seconds).
     """
 
-    __slots__ = ("events", "hours", "seen")
+    __slots__ = ("events", "hours", "last_seen")
 
     def __init__(self) -> None:
         self.hours: dict[tuple[str, str, int], int] = {}
-        self.seen: dict[str, dict[str, float]] = {}
+        self.last_seen: dict[str, dict[str, datetime]] = {}
         self.events = 0
 
     def __bool__(self) -> bool:
-        return bool(self.hours or self.seen)
+        return bool(self.hours or self.last_seen)
 
     def add(self, events: Iterable[Event]) -> None:
         """Count ``events`` (any order; duplicates count as many times as given)."""
         hours = self.hours
-        seen = self.seen
+        last_seen = self.last_seen
+        # The hour of the previous event, as a range: events come mostly in time
+        # order, and two comparisons cost less than a timestamp() each.
+        start = end = _EPOCH
+        hour = 0
         counted = 0
         for event in events:
-            at = event.created_at.timestamp()
-            key = (event.project_id, event.name, int(at // HOUR))
+            at = event.created_at
+            if not start <= at < end:
+                hour = int(at.timestamp() // HOUR)
+                start = datetime.fromtimestamp(hour * HOUR, UTC)
+                end = start + _ONE_HOUR
+            key = (event.project_id, event.name, hour)
             hours[key] = hours.get(key, 0) + 1
             profile = event.profile_id
             if profile:
-                visitors = seen.get(event.project_id)
+                visitors = last_seen.get(event.project_id)
                 if visitors is None:
-                    visitors = seen[event.project_id] = {}
-                if visitors.get(profile, -1.0) < at:
+                    visitors = last_seen[event.project_id] = {}
+                latest = visitors.get(profile)
+                if latest is None or latest < at:
                     visitors[profile] = at
             counted += 1
         self.events += counted
+
+    def seen(self) -> dict[str, dict[str, float]]:
+        """Each project's profiles, with their latest ``created_at`` in Unix seconds."""
+        return {
+            project_id: {profile: at.timestamp() for profile, at in visitors.items()}
+            for project_id, visitors in self.last_seen.items()
+        }
 
     def increments(self) -> dict[str, int]:
         """Every counter this tally adds to, by field: hours and their days."""
@@ -143,25 +161,27 @@ class Tally:
         hours = self.hours
         for key, count in other.hours.items():
             hours[key] = hours.get(key, 0) + count
-        for project_id, visitors in other.seen.items():
-            mine = self.seen.setdefault(project_id, {})
+        for project_id, visitors in other.last_seen.items():
+            mine = self.last_seen.setdefault(project_id, {})
             for profile, at in visitors.items():
-                if mine.get(profile, -1.0) < at:
+                latest = mine.get(profile)
+                if latest is None or latest < at:
                     mine[profile] = at
         self.events += other.events
 
     def forget_visitors_before(self, cutoff: float) -> None:
         """Drop visitors last seen at or before ``cutoff``: they no longer count as live."""
-        for project_id in list(self.seen):
-            visitors = self.seen[project_id]
-            for profile in [p for p, at in visitors.items() if at <= cutoff]:
+        edge = datetime.fromtimestamp(cutoff, UTC)
+        for project_id in list(self.last_seen):
+            visitors = self.last_seen[project_id]
+            for profile in [p for p, at in visitors.items() if at <= edge]:
                 del visitors[profile]
             if not visitors:
-                del self.seen[project_id]
+                del self.last_seen[project_id]
 
     def keys_held(self) -> int:
         """How many counters and visitors this tally holds (what its memory grows with)."""
-        return len(self.hours) + sum(len(visitors) for visitors in self.seen.values())
+        return len(self.hours) + sum(len(visitors) for visitors in self.last_seen.values())
 
 
 def add_counts(into: dict[str, int], counts: Mapping[str, int]) -> None:
