@@ -25,6 +25,7 @@ import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from analytics_buffer import (
+    ActorDeadError,
     AnalyticsBuffer,
     BufferClosed,
     BufferFull,
@@ -228,23 +229,30 @@ async def test_put_with_room_returns_at_once(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 @trio_mock
-async def test_a_refused_fast_offer_leaves_the_event_to_the_general_path(tmp_path: Path) -> None:
-    """track and put first offer the event straight to the mailbox; when that
-    refuses (full, closed), nothing is counted and the general path decides."""
-
-    def refuse(message: object) -> None:
+async def test_a_mailbox_refusal_gives_the_room_back_and_counts_nothing_accepted(
+    tmp_path: Path,
+) -> None:
+    def full(message: object) -> None:
         raise anyio.WouldBlock
 
+    def closed(message: object) -> None:
+        raise anyio.ClosedResourceError
+
     sink = MemorySink()
-    async with AnalyticsBuffer(make_settings(tmp_path), sink=sink) as buffer:
-        buffer._offer_to_buffer = refuse
-        first, second = events(2)
-        assert buffer.track(first) is True
-        await buffer.put(second)
+    settings = make_settings(tmp_path, overflow="drop_newest")
+    async with AnalyticsBuffer(settings, sink=sink) as buffer:
+        offer = buffer._offer_to_buffer
+        first, second, third = events(3)
+        buffer._offer_to_buffer = full
+        assert buffer.track(first) is False  # a full mailbox: the overflow policy
+        buffer._offer_to_buffer = closed
+        with pytest.raises(ActorDeadError):
+            buffer.track(second)
         stats = buffer.stats()
-        assert (stats.accepted, stats.buffered) == (2, 2)
-    assert sorted(event.name for event in sink.rows) == ["e0", "e1"]
-    assert buffer.stats().written == 2
+        assert (stats.accepted, stats.dropped, stats.buffered, stats.buffered_bytes) == (0, 1, 0, 0)
+        buffer._offer_to_buffer = offer
+        assert buffer.track(third) is True
+    assert [event.name for event in sink.rows] == ["e2"]
 
 
 @pytest.mark.anyio

@@ -12,16 +12,19 @@ switch), then everything already queued through ``receive_nowait()``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Generic, NamedTuple, TypeVar, final
+from typing import Final, Generic, NamedTuple, TypeVar, final
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._exceptions import ActorDeadError, MailboxFull
 
-__all__ = ("Mailbox", "MailboxStatistics")
+__all__ = ("MAILBOX_CLOSED", "Mailbox", "MailboxStatistics")
 
 T = TypeVar("T")
+
+MAILBOX_CLOSED: Final = (anyio.ClosedResourceError, anyio.BrokenResourceError)
+"""What the stream raises once the mailbox is closed (:meth:`Mailbox.offer` passes them on)."""
 
 
 class MailboxStatistics(NamedTuple):
@@ -66,7 +69,7 @@ class Mailbox(Generic[T]):
             self._send.send_nowait(message)
         except anyio.WouldBlock:
             raise MailboxFull(f"mailbox full ({self._capacity} messages waiting)") from None
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+        except MAILBOX_CLOSED:
             raise ActorDeadError("the actor's mailbox is closed") from None
 
     async def send(self, message: T) -> None:
@@ -76,7 +79,7 @@ class Mailbox(Generic[T]):
         """
         try:
             await self._send.send(message)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+        except MAILBOX_CLOSED:
             raise ActorDeadError("the actor's mailbox is closed") from None
 
     async def receive_batch(self, limit: int) -> list[T]:
