@@ -310,15 +310,22 @@ class AnalyticsBuffer:
         :raises BufferFull: when full and ``overflow`` is ``raise`` or ``block``
         :raises BufferClosed: when the buffer is not running
         """
-        # The body of _admit, inlined: a shared helper costs ~0.1 us per event here.
+        # The bodies of _admit and _accept, inlined: each call costs ~0.05-0.1 us here.
         if not self._running:
             raise BufferClosed("the buffer is not running: track inside 'async with'")
+        counters = self._counters
         try:
             event, size = check_event(event, self._max_event_bytes)
         except InvalidEvent:
-            self._counters.rejected += 1
+            counters.rejected += 1
             raise
-        return self._accept(event, size)
+        if (
+            counters.buffered < self._max_buffered_events
+            and counters.buffered_bytes + size <= self._max_buffered_bytes
+            and self._enqueue(event, size)
+        ):
+            return True
+        return self._overflow()
 
     def track_json(self, raw: bytes | bytearray | memoryview | str) -> bool:
         """Accept one event given as JSON (as an HTTP handler received it).

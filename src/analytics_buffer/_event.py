@@ -103,6 +103,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     properties: dict[str, PropertyValue] = msgspec.field(default_factory=dict)
 
 
+_UUID: Final = uuid.UUID
 _TEXT_FIELDS: Final = ("profile_id", "session_id", "path", "origin", "referrer")
 _decoder: Final = msgspec.json.Decoder(Event)
 _encoder: Final = msgspec.json.Encoder()
@@ -146,7 +147,7 @@ def check_event(event: object, max_event_bytes: int) -> tuple[Event, int]:
         + len(origin)
         + len(referrer)
     )
-    if type(event.id) is not uuid.UUID:
+    if type(event.id) is not _UUID:
         raise InvalidEvent("id", f"must be a uuid.UUID, got {type(event.id).__name__}")
     created_at = event.created_at
     if type(created_at) is not datetime:
