@@ -42,7 +42,7 @@ async def count_rows(url: str, sql: str) -> int:
         return int(rows[0][0])
 
 
-async def settle(url: str, table: str) -> None:
+async def merge_parts(url: str, table: str) -> None:
     """Merge ``table``'s parts now, so one measurement's background merges
     do not take the CPU from the next (each starts on a merged table)."""
     async with Connection(dsn=url) as conn, conn.cursor() as cursor:

@@ -64,10 +64,10 @@ from _measure import (
     benchmark_parser,
     clickhouse,
     count_rows,
+    merge_parts,
     progress,
     put_all,
     run,
-    settle,
     track_samples,
 )
 from asynch import Connection
@@ -189,9 +189,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # Let the buffer create the table, so every measurement uses the same one.
         async with AnalyticsBuffer(settings):
             pass
-        # The latency run comes first, holding only its own events: with the
-        # throughput runs' 800k prebuilt inputs alive (even frozen), track
-        # measured about 0.3 us slower, a cost of this script's inputs.
+        # Latency first, after a warm-up, holding only its own events (module docstring).
         latency_events = make_events(args.latency_events, "bench-latency")
         gc.collect()
         gc.freeze()
@@ -212,13 +210,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         lags: list[LoopLag] = []
         written = 0
         for number in range(1, args.rounds + 1):
-            await settle(url, settings.table)
+            await merge_parts(url, settings.table)
             progress(f"round {number}: raw asynch bulk insert")
             raws.append(await raw_insert(url, settings.table, raw_rows))
-            await settle(url, settings.table)
+            await merge_parts(url, settings.table)
             progress(f"round {number}: raw asynch bulk insert, columnar")
             columnars.append(await raw_columnar_insert(url, settings.table, raw_rows))
-            await settle(url, settings.table)
+            await merge_parts(url, settings.table)
             progress(f"round {number}: pipeline")
             rate, lag, round_written = await pipeline(settings, events)
             pipelines.append(rate)
@@ -227,7 +225,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         counted = await count_rows(
             url, f"SELECT count() FROM {settings.table} WHERE project_id = 'bench-pipeline'"
         )
-        await settle(url, settings.table)
+        await merge_parts(url, settings.table)
         progress("one INSERT per event")
         single = await per_event_insert(url, settings.table, single_rows)
 

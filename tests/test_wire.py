@@ -96,8 +96,10 @@ def test_the_string_cache_starts_over_when_full() -> None:
     assert len(encoded) <= STRING_CACHE_SIZE
 
 
-def test_a_value_out_of_its_type_range_raises() -> None:
+def test_a_value_that_does_not_fit_its_type_raises() -> None:
     with pytest.raises(struct.error):
         column_wire("UInt16", [1, 65_536], {})
     with pytest.raises(struct.error):
         column_wire("DateTime", [-1], {})
+    with pytest.raises(TypeError, match=r"uuid\.UUID values, got '0f'"):
+        column_wire("UUID", [uuid.uuid4(), "0f"], {})

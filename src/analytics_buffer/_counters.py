@@ -12,7 +12,7 @@ number of events behind them.
 
 Times are Unix seconds. UTC hours and days are whole multiples of 3600 and
 86400 seconds since the epoch (Unix time has no leap seconds), so bucketing
-is one floor division.
+is one floor division (done once per hour of events, see :meth:`Tally.add`).
 """
 
 from __future__ import annotations

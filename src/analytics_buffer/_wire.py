@@ -14,7 +14,8 @@ width; ``DateTime`` is seconds as ``UInt32`` and ``DateTime64`` ticks as
 an unsigned LEB128 length, then the UTF-8 bytes; ``Array(String)`` is the
 running total of the array lengths (``UInt64``), then all items as a
 ``String`` column. A value that does not fit its type raises
-``struct.error``, ``TypeError`` or ``AttributeError`` (nothing is sent).
+``struct.error`` or ``TypeError`` before anything of its column is written
+(the sink maps both to a permanent error, as it did asynch's own).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any, Final
 
-__all__ = ("column_wire", "strings_wire", "varint")
+__all__ = ("STRING_CACHE_SIZE", "column_wire", "strings_wire")
 
 STRING_CACHE_SIZE: Final = 65_536
 """Distinct strings kept with their wire form; the cache starts over past it."""
@@ -46,10 +47,10 @@ _INTEGER_CODES: Final = {
 _DATETIME: Final = re.compile(r"^DateTime(?:\('[^']*'\))?$")
 _DATETIME64: Final = re.compile(r"^DateTime64\(\d(?:,\s*'[^']*')?\)$")
 
-ColumnWriter = Callable[[Sequence[Any], dict[str, bytes]], bytes]
+_ColumnWriter = Callable[[Sequence[Any], dict[str, bytes]], bytes]
 
 
-def varint(value: int) -> bytes:
+def _varint(value: int) -> bytes:
     """Unsigned LEB128, as the native protocol writes lengths."""
     out = bytearray()
     while value > 0x7F:
@@ -62,7 +63,7 @@ def varint(value: int) -> bytes:
 def _wire_form(value: str) -> bytes:
     data = value.encode()
     size = len(data)
-    return (_LENGTH_BYTE[size] if size < 128 else varint(size)) + data
+    return (_LENGTH_BYTE[size] if size < 128 else _varint(size)) + data
 
 
 def strings_wire(values: Sequence[str], encoded: dict[str, bytes]) -> bytes:
@@ -94,13 +95,16 @@ def _string_arrays(values: Sequence[Sequence[str]], encoded: dict[str, bytes]) -
 
 def _uuids(values: Sequence[Any], _encoded: dict[str, bytes]) -> bytes:
     halves: list[int] = []
-    for value in values:
-        number = value.int
-        halves += (number >> 64, number & _LOW_64)
+    try:
+        for value in values:
+            number = value.int
+            halves += (number >> 64, number & _LOW_64)
+    except AttributeError:
+        raise TypeError(f"a UUID column takes uuid.UUID values, got {value!r}") from None
     return struct.pack(f"<{len(halves)}Q", *halves)
 
 
-def _integers(code: str) -> ColumnWriter:
+def _integers(code: str) -> _ColumnWriter:
     def write(values: Sequence[Any], _encoded: dict[str, bytes]) -> bytes:
         return struct.pack(f"<{len(values)}{code}", *values)
 
@@ -108,7 +112,7 @@ def _integers(code: str) -> ColumnWriter:
 
 
 @cache
-def _writer_for(kind: str) -> ColumnWriter | None:
+def _writer_for(kind: str) -> _ColumnWriter | None:
     if kind == "String":
         return strings_wire
     if kind == "Array(String)":
