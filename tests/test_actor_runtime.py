@@ -257,12 +257,65 @@ async def test_a_full_mailbox_refuses_casts() -> None:
         assert ref.statistics().queued == 2
 
 
-async def test_offer_raises_anyio_errors_unmapped() -> None:
+async def test_offer_refuses_when_full_and_raises_when_closed() -> None:
     mailbox: Mailbox[int] = Mailbox(1)
-    mailbox.offer(1)
-    with pytest.raises(anyio.WouldBlock):
-        mailbox.offer(2)
+    assert mailbox.offer(1) is True
+    assert mailbox.offer(2) is False
     assert mailbox.statistics().queued == 1
     mailbox.release()
-    with pytest.raises(anyio.ClosedResourceError):
+    with pytest.raises(ActorDeadError):
         mailbox.offer(3)
+
+
+async def test_a_waiting_sender_hands_over_ahead_of_later_offers() -> None:
+    mailbox: Mailbox[str] = Mailbox(1)
+    mailbox.send_nowait("first")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mailbox.send, "waited")
+        await wait_all_tasks_blocked()
+        assert mailbox.statistics().senders_waiting == 1
+        assert await mailbox.receive_batch(1) == ["first"]
+        # The waiting sender's message took the freed room before anyone else could.
+        assert mailbox.offer("later") is False
+    assert await mailbox.receive_batch(10) == ["waited"]
+    assert mailbox.statistics() == (0, 1, 0)
+
+
+async def test_a_cancelled_sender_withdraws_its_message() -> None:
+    mailbox: Mailbox[str] = Mailbox(1)
+    mailbox.send_nowait("first")
+    with anyio.move_on_after(1.0):
+        await mailbox.send("withdrawn")
+    assert mailbox.statistics().senders_waiting == 0
+    assert mailbox.drain_nowait() == ["first"]
+
+
+async def test_release_wakes_waiting_senders_and_the_receiver_with_actor_dead() -> None:
+    mailbox: Mailbox[str] = Mailbox(1)
+    outcomes: list[str] = []
+
+    async def expect_dead(action: Any) -> None:
+        try:
+            await action()
+        except ActorDeadError:
+            outcomes.append("dead")
+
+    receiver: Mailbox[str] = Mailbox(1)
+    mailbox.send_nowait("first")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(expect_dead, lambda: mailbox.send("blocked"))
+        tg.start_soon(expect_dead, lambda: receiver.receive_batch(10))
+        await wait_all_tasks_blocked()
+        mailbox.release()
+        receiver.release()
+    assert outcomes == ["dead", "dead"]
+
+
+async def test_receive_takes_at_most_the_limit_in_order() -> None:
+    mailbox: Mailbox[int] = Mailbox(100)
+    for number in range(10):
+        mailbox.send_nowait(number)
+    assert await mailbox.receive_batch(4) == [0, 1, 2, 3]
+    mailbox.carry_over([3])
+    assert await mailbox.receive_batch(4) == [3, 4, 5, 6]
+    assert mailbox.drain_nowait() == [7, 8, 9]

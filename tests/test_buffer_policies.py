@@ -232,11 +232,11 @@ async def test_put_with_room_returns_at_once(tmp_path: Path) -> None:
 async def test_a_mailbox_refusal_gives_the_room_back_and_counts_nothing_accepted(
     tmp_path: Path,
 ) -> None:
-    def full(message: object) -> None:
-        raise anyio.WouldBlock
+    def full(message: object) -> bool:
+        return False
 
-    def closed(message: object) -> None:
-        raise anyio.ClosedResourceError
+    def closed(message: object) -> bool:
+        raise ActorDeadError("the actor's mailbox is closed")
 
     sink = MemorySink()
     settings = make_settings(tmp_path, overflow="drop_newest")

@@ -13,6 +13,7 @@ import os
 import pickle
 import uuid
 from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,18 @@ def test_valid_edge_values_are_accepted(changes: dict[str, Any]) -> None:
     event = event_with(**changes)
     checked, _ = check_event(event, MAX)
     assert checked == event
+
+
+class Plan(StrEnum):
+    PRO = "pro"
+
+
+def test_str_subclasses_are_accepted_in_text_fields_and_property_values() -> None:
+    plain = event_with(name="pro", path="pro", properties={"pro": "pro"})
+    enum = event_with(name=Plan.PRO, path=Plan.PRO, properties={Plan.PRO: Plan.PRO})
+    checked, size = check_event(enum, MAX)
+    assert checked == enum
+    assert size == check_event(plain, MAX)[1]
 
 
 # -- check_event: every rule names its field ----------------------------------------
