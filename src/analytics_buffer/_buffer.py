@@ -127,10 +127,10 @@ class EventBuffer(Actor):
             if not handed:
                 # The writer is gone or the deadline passed: keep the events on disk.
                 why = "the writer could not take them at shutdown"
-                log.error("dead-lettering %d events: %s", len(batch.events), why)
+                log.error("dead-lettering %d events: %s", batch.size, why)
                 self._dead_letters.write_now(batch.events, reason=why, code=0, token=batch.token)
-                self._counters.dead_lettered += len(batch.events)
-                self._capacity.give_back(len(batch.events), batch.nbytes)
+                self._counters.dead_lettered += batch.size
+                self._capacity.give_back(batch.size, batch.nbytes)
 
     def _take_batch(self) -> Batch | None:
         if not self._pending:
