@@ -3,7 +3,7 @@
 Measured side by side in one run, against one ClickHouse server (a
 throwaway ``clickhouse-server`` unless ``--clickhouse-url`` is given). The
 insert runs (raw, raw columnar, pipeline) take turns over ``--rounds``
-rounds (2 by default) and the best round of each is reported, as in
+rounds (3 by default) and the best round of each is reported, as in
 ``benchmarks/outbox.py``: the machine is shared, and a few seconds in which
 it runs slower would otherwise decide the ratio by landing on one side of
 it (the rounds are in the JSON). The loop lag is the worst over all rounds.
@@ -270,7 +270,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--events", type=int, default=400_000)
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of the insert runs")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the insert runs")
     parser.add_argument("--single", type=int, default=300, help="events for one-INSERT-per-event")
     parser.add_argument("--latency-events", type=int, default=200_000)
     parser.add_argument("--latency-rounds", type=int, default=5, help="rounds of track timing")
