@@ -45,7 +45,7 @@ it (the rounds are in the JSON). The loop lag is the worst over all rounds.
   between two wake-ups: the same stall, blind to other processes taking
   the CPU (read it when the machine is busy).
 
-Inputs (events, rows) are built before anything is timed and then frozen
+Inputs (events, rows) are built before the run that uses them and frozen
 out of the garbage collector (``gc.freeze()``): a service creates its events
 one request at a time, while a benchmark holding 400k prebuilt events would
 otherwise measure the collector walking its own inputs. Everything the
@@ -209,8 +209,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for start in range(0, args.latency_events, per_round)
         ]
 
-        progress(f"building {args.events} events")
-        events = make_events(args.events, "bench-pipeline")
+        progress(f"building {args.events} rows")
         raw_rows = [as_row(event) for event in make_events(args.events, "bench-raw")]
         single_rows = [as_row(event) for event in make_events(args.single, "bench-single")]
         gc.collect()
@@ -229,13 +228,20 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             progress(f"round {number}: raw asynch bulk insert, columnar")
             columnars.append(await raw_columnar_insert(url, settings.table, raw_rows))
             await merge_parts(url, settings.table)
+            # Fresh events each round, under their own project: the table is a
+            # ReplacingMergeTree, and the merges between rounds would fold a
+            # round's copies of the same events into the last one's.
+            events = make_events(args.events, f"bench-pipeline-{number}")
+            gc.collect()
+            gc.freeze()
             progress(f"round {number}: pipeline")
             rate, lag, round_written = await pipeline(settings, events)
+            del events
             pipelines.append(rate)
             lags.append(lag)
             written += round_written
         counted = await count_rows(
-            url, f"SELECT count() FROM {settings.table} WHERE project_id = 'bench-pipeline'"
+            url, f"SELECT count() FROM {settings.table} WHERE project_id LIKE 'bench-pipeline-%'"
         )
         await merge_parts(url, settings.table)
         progress("one INSERT per event")
