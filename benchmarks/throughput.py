@@ -201,7 +201,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         latency_events = make_events(args.latency_events, "bench-latency")
         gc.collect()
         gc.freeze()
-        progress("track latency (a warm-up run, then the measured one)")
+        progress(f"track latency (a warm-up run, then {args.latency_rounds} measured rounds)")
         await track_samples(settings, latency_events[: args.latency_events // 4])
         per_round = -(-args.latency_events // args.latency_rounds)
         latency_rounds = [
