@@ -50,9 +50,15 @@ async def merge_parts(url: str, table: str) -> None:
 
 
 async def put_all(buffer: AnalyticsBuffer, events: list[Event]) -> None:
-    """``put`` every event, yielding after each 1,000 as a service yields between requests."""
-    for start in range(0, len(events), 1000):
-        for event in events[start : start + 1000]:
+    """``put`` every event, yielding after each 100 as a service yields between requests.
+
+    A service's turn is one request, one event; 100 keeps the producer's own
+    turn near 0.3 ms. With 1,000 a turn took 3-4 ms, a part of every loop-lag
+    figure that was the producer's and not the pipeline's (measured side by
+    side: worst lag 10.7-14.8 ms against 7.2-11.4 ms, throughput unchanged).
+    """
+    for start in range(0, len(events), 100):
+        for event in events[start : start + 100]:
             await buffer.put(event)
         await anyio.lowlevel.checkpoint()
 

@@ -39,7 +39,8 @@ it (the rounds are in the JSON). The loop lag is the worst over all rounds.
   after it (the cause was not isolated), and a long-running service is past
   its first 50k calls.
 * ``max_loop_lag_ms``: the longest stall of the event loop while the
-  pipeline runs and flushes: a ticker task asks to wake every millisecond
+  pipeline runs and flushes (the producer yields after every 100 ``put``
+  calls, see ``_measure.put_all``): a ticker task asks to wake every millisecond
   and records how late each wake-up is against the time it asked for.
   ``max_loop_stall_cpu_ms`` is the most CPU time the loop's thread spent
   between two wake-ups: the same stall, blind to other processes taking
