@@ -229,7 +229,7 @@ async def test_put_with_room_returns_at_once(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 @trio_mock
-async def test_a_mailbox_refusal_gives_the_room_back_and_counts_nothing_accepted(
+async def test_a_mailbox_refusal_takes_no_room_and_counts_nothing_accepted(
     tmp_path: Path,
 ) -> None:
     def full(message: object) -> bool:

@@ -15,7 +15,15 @@ from typing import Any
 import msgspec
 import pytest
 
-from analytics_buffer import AnalyticsBuffer, BufferFull, Event, OutboxError, OutboxFull, Settings
+from analytics_buffer import (
+    ActorDeadError,
+    AnalyticsBuffer,
+    BufferFull,
+    Event,
+    OutboxError,
+    OutboxFull,
+    Settings,
+)
 from analytics_buffer._outbox import Outbox, Segment, directory_figures
 from analytics_buffer._replay import REPLAY_CHUNK_BYTES
 from analytics_buffer._segments import (
@@ -613,6 +621,35 @@ async def test_wal_session_events_held_by_redis_leave_the_log(
         assert buffer.track(Event(name="screen_view", project_id="p1", session_id="s1"))
         await buffer.flush()
         assert buffer.stats().sessions_waiting == 0
+    next_run = make_outbox(tmp_path / "outbox")
+    assert next_run.open() == []
+    next_run.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_wal_events_a_mailbox_refuses_leave_the_log(tmp_path: Path) -> None:
+    """An event appended to the log and then refused by the actor's mailbox (full, or
+    closed) was never accepted: it is retracted, so the next start does not replay it."""
+
+    def full(message: object) -> bool:
+        return False
+
+    def closed(message: object) -> bool:
+        raise ActorDeadError("the actor's mailbox is closed")
+
+    sink = MemorySink()
+    settings = Settings(data_dir=str(tmp_path), durability="wal", overflow="drop_newest")
+    async with AnalyticsBuffer(settings, sink=sink) as buffer:
+        offer = buffer._offer_to_buffer
+        buffer._offer_to_buffer = full
+        assert buffer.track(Event(name="refused", project_id="p1")) is False
+        buffer._offer_to_buffer = closed
+        with pytest.raises(ActorDeadError):
+            buffer.track(Event(name="closed", project_id="p1"))
+        buffer._offer_to_buffer = offer
+        assert buffer.track(Event(name="kept", project_id="p1"))
+    assert [event.name for event in sink.rows] == ["kept"]
     next_run = make_outbox(tmp_path / "outbox")
     assert next_run.open() == []
     next_run.close()
