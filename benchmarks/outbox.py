@@ -3,7 +3,11 @@
 Measured side by side in one run, against one ClickHouse server (a
 throwaway ``clickhouse-server`` unless ``--clickhouse-url`` is given), each
 mode with a fresh ``data_dir``, the modes alternating for ``--rounds``
-rounds (the best round of each mode is reported, as the machine is shared):
+rounds (the best round of each mode is reported, as the machine is shared).
+Each run starts on a merged table (``OPTIMIZE TABLE ... FINAL``), as in
+``benchmarks/throughput.py``: otherwise ClickHouse's background merges of
+one run's parts take the CPU from the next run, which is always the other
+mode (the ``wal`` run of each round follows a ``memory`` run):
 
 * ``memory_events_per_s`` / ``wal_events_per_s``: prebuilt events through
   ``put`` -> EventBuffer -> Writer -> ClickHouse at default settings, timed
@@ -33,7 +37,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _measure import benchmark_parser, clickhouse, progress, put_all, run, track_samples
+from _measure import (
+    benchmark_parser,
+    clickhouse,
+    merge_parts,
+    progress,
+    put_all,
+    run,
+    track_samples,
+)
 from throughput import make_events
 
 from analytics_buffer import AnalyticsBuffer, Durability, Event, Settings
@@ -68,6 +80,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 events = make_events(args.events, f"bench-{mode}-{round_number}")
                 gc.collect()
                 gc.freeze()
+                await merge_parts(url, base.table)
                 progress(f"round {round_number + 1}: {mode}")
                 data_dir = Path(scratch) / f"{mode}-{round_number}"
                 settings = base.replace(durability=mode, data_dir=str(data_dir))
@@ -101,7 +114,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-events", type=int, default=100_000)
     parser.add_argument("--clickhouse-url", default=None)
 
