@@ -6,9 +6,11 @@ CPU time the thread was charged from the read before the gap (the CPU time
 is read every 4,096 clock reads, well under a millisecond apart, and after
 each gap). The loop allocates nothing the collector tracks and makes no
 other system call (the clock is read in the vDSO), so a gap is the
-machine's: the thread was descheduled (its CPU time stands
-still) or the host stopped the virtual CPU while charging the guest's
-thread for it (its CPU time advances with the gap). No library code runs.
+machine's: either the thread was descheduled (its CPU time stands still),
+or something below the scheduler held the CPU, such as the host stopping
+the virtual CPU or interrupt handling, while the thread was charged for it
+(its CPU time advances with the gap). No library code runs, and none is
+imported (hence no ``_measure`` helpers here).
 
 * ``worst_gap_ms`` and ``worst_gap_cpu_ms``: the longest gap and the CPU
   time charged over it;
