@@ -338,16 +338,17 @@ class AnalyticsBuffer:
         capacity = self._capacity
         with anyio.move_on_after(self.settings.put_timeout):
             await capacity.wait_for_room(size)
-            if self._wal is not None:
-                self._wal.append(event)  # --- durable outbox hook: put always raises a refusal
-            self._capacity.take(size)
+            wal = self._wal
+            if wal is not None:
+                self._log(wal, event, True)  # put: a refusal raises
+            capacity.take(size)
             try:
                 actor = self._sessions_ref if event.session_id else self._buffer_ref
                 await actor.send((event, size))
             except BaseException:
-                self._capacity.give_back(1, size)
-                if self._wal is not None:
-                    self._wal.retract(event)
+                capacity.give_back(1, size)
+                if wal is not None:
+                    wal.retract(event)
                 raise
             self._counters.accepted += 1
             self._counted.append(event)
