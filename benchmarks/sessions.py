@@ -18,6 +18,14 @@ are given:
   reference's PUBLISH of every event is left out (this library has no such
   feed): with it, this rate would be about half.
 * ``speedup``: the first over the second.
+* ``plain_pipeline_events_per_s``: the same events without their
+  ``session_id`` (so nothing is paired: ``put`` -> EventBuffer -> Writer ->
+  ClickHouse, the CounterActor on the same Redis as before), timed the same
+  way and counted back: the ceiling of the session pipeline, which does all
+  of this and the pairing besides.
+* ``plain_speedup``: that ceiling over the one-MULTI-per-event rate: the
+  largest ``speedup`` any session pipeline in this process could show in
+  this run.
 
 Inputs (events) are built before anything is timed and then frozen out of
 the garbage collector (``gc.freeze()``), as in ``benchmarks/throughput.py``:
@@ -150,9 +158,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         # The same mix of screen views and session ends as the pipeline gets.
         reference_sessions = max(1, args.reference_events * args.sessions // args.events)
         reference = session_events(args.reference_events, "bench-reference", reference_sessions)
+        plain = [
+            msgspec.structs.replace(event, project_id="bench-plain", session_id="")
+            for event in events
+        ]
         gc.freeze()
         progress("pipeline")
         rate = await pipeline(settings, events, table)
+        progress("the same events without sessions")
+        plain_rate = await pipeline(settings, plain, table)
         progress("one MULTI per event")
         baseline = await per_event_multi(redis_url, reference)
     return {
@@ -161,6 +175,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "session_events_per_s": round(rate),
         "per_event_multi_events_per_s": round(baseline),
         "speedup": round(rate / baseline, 1),
+        "plain_pipeline_events_per_s": round(plain_rate),
+        "plain_speedup": round(plain_rate / baseline, 1),
     }
 
 

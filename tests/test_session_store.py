@@ -471,6 +471,39 @@ async def test_entries_another_instance_merged_leave_the_adders_cache(redis_url:
         await second.aclose()
 
 
+async def test_a_claim_fetches_only_the_entries_its_store_no_longer_holds(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store keeps 5 events of its own entries decoded: the second add pushes
+    # the first entry out, so the claim must fetch that one whole and only that one.
+    monkeypatch.setattr("analytics_buffer._redis_sessions._SENT_EVENTS", 5)
+    store = RedisSessionStore(redis_url, shards=1)
+    replies: list[Any] = []
+    real_run = store._run
+
+    async def recording_run(calls: Any) -> list[Any]:
+        got = await real_run(calls)
+        replies.append(got)
+        return got
+
+    try:
+        older, newer = spread_events(5), [event(session=f"t{n}", at=n) for n in range(5)]
+        await store.add(older, NOW)
+        await store.add(newer, NOW)
+        monkeypatch.setattr(store, "_run", recording_run)
+        _, works = await claim_all(store)
+        pending = [item for work in works.values() for item in work.pending]
+        assert sorted(ids(pending)) == sorted(ids(older + newer))
+        (entries, _, waiting), *_ = replies[0]
+        assert waiting == 2
+        fetched_whole, head_only = entries
+        assert len(fetched_whole) > 500  # five encoded events
+        assert len(head_only) < 40  # b"<events>:<entry id>:"
+        assert head_only.endswith(b":")
+    finally:
+        await store.aclose()
+
+
 async def dump(client: Redis) -> dict[bytes, Any]:
     """Every key's type and value (TTL aside)."""
     found: dict[bytes, Any] = {}

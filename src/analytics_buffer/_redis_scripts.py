@@ -63,22 +63,26 @@ CLAIM: Final = (
     _HEAD
     + r"""
 -- KEYS: claim, inbox, index
--- ARGV: token, lease_ms, idle_before, limit
+-- ARGV: token, lease_ms, idle_before, limit, known entry ids (msgpack)
 -- Returns false (no work, or held by another) or {entries, idle keys, inbox length}.
 -- Entries are taken from the head of the inbox while their events fit in limit
 -- (at least one); idle sessions (up to what is left of limit) only when the whole
 -- inbox is taken (an entry left behind may hold their latest activity).
+-- A known entry (the claimer still holds its events) comes back as its head alone.
 local K_claim, K_inbox, K_index = KEYS[1], KEYS[2], KEYS[3]
 local limit = tonumber(ARGV[4])
 if call('EXISTS', K_claim) == 1 then return false end
 local waiting = call('LLEN', K_inbox)
 local taken, events = {}, 0
 if waiting > 0 then
+  local known = {}
+  for _, id in ipairs(cmsgpack.unpack(ARGV[5])) do known[id] = true end
   for i, entry in ipairs(call('LRANGE', K_inbox, 0, limit - 1)) do
-    local count = tonumber(string.match(entry, '^%d+'))
+    local head, count, id = string.match(entry, '^((%d+):(%d+):)')
+    count = tonumber(count)
     if i > 1 and events + count > limit then break end
     events = events + count
-    taken[i] = entry
+    taken[i] = known[id] and head or entry
   end
 end
 local idle = {}

@@ -51,8 +51,9 @@ calls that missed it are sent again:
   may retry it.
 * ``claim``: takes the shard (``SET claim PX`` after checking it is free,
   atomically, and only when the shard has work) and returns inbox entries
-  from its head (up to ``claim_size`` events) and, when the whole inbox
-  is taken, idle sessions. Nothing is removed: a claim whose lease runs out
+  from its head (up to ``claim_size`` events; those this store added and
+  still holds decoded come back as their heads alone) and, when the whole
+  inbox is taken, idle sessions. Nothing is removed: a claim whose lease runs out
   before ``complete`` leaves everything for the next one.
 * ``complete``: fenced by the token; writes the merged, settled sessions,
   trims the entries the claim merged, releases the claim and records the
@@ -293,15 +294,23 @@ class RedisSessionStore:
             while shards and len(found) < limit:
                 batch, shards = shards[: limit - len(found)], shards[limit - len(found) :]
                 tokens = [f"{owner}:{os.urandom(8).hex()}" for _ in batch]
+                known = self._known_entries(batch)
                 calls: list[_Call] = []
                 for shard, token in zip(batch, tokens, strict=True):
                     tag = self._tags[shard]
                     keys = [tag + "claim", tag + "inbox", tag + "index"]
-                    args = [token, lease_ms, repr(idle_before), str(self._claim_size)]
+                    ids = ENCODER.encode([str(entry_id) for entry_id in known[shard]])
+                    args: list[str | bytes] = [
+                        token,
+                        lease_ms,
+                        repr(idle_before),
+                        str(self._claim_size),
+                        ids,
+                    ]
                     calls.append((self._claim, keys, args))
                 replies = await self._run(calls)
                 granted = [
-                    (shard, token, reply)
+                    (shard, token, reply, known[shard])
                     for shard, token, reply in zip(batch, tokens, replies, strict=True)
                     if reply
                 ]
@@ -324,12 +333,25 @@ class RedisSessionStore:
             if not replies[3 * at] and (replies[3 * at + 1] or replies[3 * at + 2])
         ]
 
+    def _known_entries(self, shards: list[int]) -> dict[int, dict[int, Entry]]:
+        """This store's entries of each shard that it still holds decoded.
+
+        Their claim replies carry their heads alone; the entries are taken
+        from here, as the claim was sent (an add meanwhile changes nothing).
+        """
+        known: dict[int, dict[int, Entry]] = {shard: {} for shard in shards}
+        for entry_id, (shard, entry) in self._sent.items():
+            of_shard = known.get(shard)
+            if of_shard is not None:
+                of_shard[entry_id] = entry
+        return known
+
     async def _merge(
-        self, granted: list[tuple[int, str, list[Any]]], idle_before: float
+        self, granted: list[tuple[int, str, list[Any], dict[int, Entry]]], idle_before: float
     ) -> list[Claim]:
         """Read the granted shards' sessions, merge their inbox entries in, hand out work."""
         plans = []
-        for shard, token, (raw_entries, idle, waiting) in granted:
+        for shard, token, (raw_entries, idle, waiting), known in granted:
             present: set[int] = set()
             own: list[int] = []
             # Each session's events in arrival order, and its latest arrival time.
@@ -339,9 +361,9 @@ class RedisSessionStore:
                 head, _, body = rest.partition(b":")
                 entry_id = int(head)
                 present.add(entry_id)
-                sent = self._sent.get(entry_id)
-                if sent is not None:
-                    entry = sent[1]
+                known_entry = known.get(entry_id)
+                if known_entry is not None:
+                    entry = known_entry
                     own.append(entry_id)
                 else:
                     entry = ENTRY_DECODER.decode(body)
