@@ -98,7 +98,6 @@ class Merged:
         "marks",
         "name",
         "new_views",
-        "new_written",
         "pending",
         "raw",
         "spilled",
@@ -113,7 +112,6 @@ class Merged:
         self.pending: dict[int, Event] = {}
         self.raw: dict[int, msgspec.Raw] = {}
         self.new_views: list[Event] = []
-        self.new_written: list[bytes] = []
         self.touched = False
         self.ended_before = state.ended
         if stored is None:
@@ -313,8 +311,12 @@ def _take_pending(session: Merged, events: list[Event], already: set[int]) -> No
 def changes(
     held: Held, outcomes: Sequence[SessionOutcome], name_of: Callable[[SessionKey], str]
 ) -> list[Any]:
-    """What ``complete`` writes to the shard: see the COMPLETE script for the layout."""
+    """What ``complete`` writes to the shard: see the COMPLETE script for the layout.
+
+    The same outcomes give the same changes again (a retried ``complete``).
+    """
     merged = held.merged
+    new_written: dict[SessionKey, list[bytes]] = {}
     for outcome in outcomes:
         session = merged.get(outcome.key)
         if session is None:
@@ -326,7 +328,9 @@ def changes(
         for number in numbers:
             pending.pop(number, None)
             raw.pop(number, None)
-        session.new_written.append(b"".join([number.to_bytes(16) for number in numbers]))
+        new_written.setdefault(outcome.key, []).append(
+            b"".join([number.to_bytes(16) for number in numbers])
+        )
     encode = ENCODER.encode
     values: list[Any] = []
     open_seen: list[str] = []
@@ -341,8 +345,9 @@ def changes(
         name = session.name
         state = session.state
         written, spilled = session.written, session.spilled
-        if session.new_written:
-            written += b"".join(session.new_written)
+        fresh = new_written.get(key)
+        if fresh:
+            written += b"".join(fresh)
             if len(written) > 16 * INLINE_WRITTEN:
                 spills.append(
                     [
